@@ -1,0 +1,36 @@
+# The two commands a new user needs (see README):
+#   make run   - the proxy in front of an embedded Chroma primary with sample data
+#   make test  - lint, type-check and the whole test suite
+# Both create (or reuse) the virtualenv at .venv.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Reinstall only when the dependency list changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ARGS ?=
+
+.PHONY: run test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/replica-proxy serve --sample-data $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy index sync tests bench
+	$(BIN)/ruff format --check proxy index sync tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,135 @@
+"""build_app(): routes, middleware and lifecycle of one proxy. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+from . import handlers
+from .config import Config
+from .errors import to_response
+from .metrics import Metrics
+from .routes import RouteClass, classify
+from .sample import load_sample
+from .state import CONFIG, METRICS, ROUTE, SOURCE, STATE, UPSTREAM, ProxyState, request_id
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+def build_app(config: Config, primary_url: str) -> web.Application:
+    """The proxy as an aiohttp application, forwarding to ``primary_url``."""
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=config.max_body_bytes)
+    metrics = Metrics()
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[STATE] = ProxyState()
+    app[UPSTREAM] = Upstream(primary_url, config, metrics)
+    app.cleanup_ctx.extend([_upstream_ctx, _heartbeat_ctx, _sample_ctx])
+    app.on_response_prepare.append(_stamp)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    # Everything else, any method, including paths this version does not know.
+    app.router.add_route("*", "/{tail:.*}", handlers.forward)
+    return app
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Classify, time and count every request; the one place errors become responses."""
+    metrics = request.app[METRICS]
+    route = classify(request.method, request.rel_url.raw_path)
+    request[ROUTE] = route
+    metrics.in_flight.inc()
+    started = time.perf_counter()
+    status = "aborted"  # what the metrics say if the handler is cancelled
+    try:
+        try:
+            resp = await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            resp = to_response(exc)
+        status = str(resp.status)
+        return resp
+    finally:
+        metrics.in_flight.dec()
+        source = request.get(SOURCE, "proxy")
+        metrics.requests.labels(route.kind.value, route.op, status, source).inc()
+        if route.kind is not RouteClass.OPS:
+            metrics.latency.labels(route.kind.value, source).observe(time.perf_counter() - started)
+
+
+async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response names its request id and who answered (just before headers are sent)."""
+    response.headers["X-Request-Id"] = request_id(request)
+    response.headers["X-Proxy-Source"] = request.get(SOURCE, "proxy")
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with app[UPSTREAM]:
+        yield
+
+
+async def _heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Probe the primary in the background; /readyz and primary_up follow the last answer."""
+    await _probe(app)  # so /readyz is right from the first request
+    task = asyncio.create_task(_heartbeat_loop(app), name="primary-heartbeat")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _heartbeat_loop(app: web.Application) -> None:
+    while True:
+        await asyncio.sleep(app[CONFIG].heartbeat_interval_s)
+        try:
+            await _probe(app)
+        except Exception:  # a failed probe must never end the loop
+            log.exception("heartbeat probe failed")
+
+
+async def _probe(app: web.Application) -> None:
+    state = app[STATE]
+    up = await app[UPSTREAM].heartbeat()
+    if up != state.primary_up:
+        log.log(
+            logging.INFO if up else logging.WARNING,
+            "primary %s is %s",
+            app[UPSTREAM].base_url,
+            "up" if up else "DOWN",
+        )
+    state.primary_up = up
+    app[METRICS].primary_up.set(1 if up else 0)
+
+
+async def _sample_ctx(app: web.Application) -> AsyncIterator[None]:
+    if app[CONFIG].sample_data:
+        await load_sample(app[UPSTREAM])
+    yield
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path, status, bytes, milliseconds, source, request id."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %s %.1fms src=%s rid=%s',
+            request.remote,
+            request.method,
+            request.path_qs,
+            response.status,
+            response.body_length,
+            time * 1000,
+            request.get(SOURCE, "proxy"),
+            request_id(request),
+        )

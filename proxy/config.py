@@ -1,0 +1,274 @@
+"""The one typed configuration object, and how it is read.
+
+Every key is a field of :class:`Config`. A key is set, from lowest to highest precedence, by its
+default, the TOML file (``--config FILE``; top-level ``key = value``), the environment
+(``REPLICA_PROXY_<KEY>``) and the command line (``--<key-with-dashes>``). The help text of each
+field is the one place it is documented: ``--help``, the README table (``replica-proxy
+config-docs``) and error messages are generated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "REPLICA_PROXY_"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the value."""
+
+    def __init__(self, key: str, value: object, reason: str) -> None:
+        self.key = key
+        super().__init__(f"{key}={value!r}: {reason}")
+
+
+def _key(help_text: str, default: Any, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Validated settings of one proxy process. Units are in the names (_s, _bytes)."""
+
+    primary_url: str | None = _key(
+        "URL of the Chroma primary (http://host:port). Empty: start an embedded primary "
+        "(`chroma run`) with its data under data_dir.",
+        None,
+        flag="--primary",
+        metavar="URL",
+    )
+    listen: str = _key("HOST:PORT the proxy listens on.", "127.0.0.1:8000", metavar="HOST:PORT")
+    data_dir: str = _key(
+        "Directory for the proxy's state (the embedded primary's data and log).",
+        "./replica-data",
+    )
+    sample_data: bool = _key(
+        "Load the small `colors` sample collection into the primary at start-up if it is "
+        "not there yet (for trying the proxy out).",
+        False,
+    )
+    connect_timeout_s: float = _key("Timeout for opening a connection to the primary.", 5.0)
+    read_timeout_s: float = _key(
+        "Longest wait for the next bytes of a primary response (0 = no limit).", 60.0
+    )
+    max_upstream_connections: int = _key(
+        "Most connections the proxy opens to the primary at once; more requests wait for one.",
+        100,
+    )
+    max_body_bytes: int = _key(
+        "Largest request body accepted (413 beyond it). Chroma's own limit is 40 MiB; keep "
+        "this at or above it so the primary's own answer passes through.",
+        48 * 1024 * 1024,
+    )
+    heartbeat_interval_s: float = _key(
+        "How often the primary is probed for /readyz and the primary_up metric.", 2.0
+    )
+    shutdown_delay_s: float = _key(
+        "On SIGTERM, how long to keep serving with /readyz failing before draining, so a "
+        "load balancer stops sending new requests first.",
+        0.0,
+    )
+    drain_timeout_s: float = _key(
+        "On SIGTERM, how long in-flight requests may take to finish before they are cancelled.",
+        30.0,
+    )
+    embedded_start_timeout_s: float = _key(
+        "How long to wait for the embedded primary to answer its first heartbeat.", 60.0
+    )
+    log_level: LogLevel = _key("Log level: debug, info, warning or error.", "info")
+    access_log: bool = _key("Write one access log line per request (logger proxy.access).", True)
+
+    def __post_init__(self) -> None:
+        if self.primary_url is not None:
+            _check_url("primary_url", self.primary_url)
+        parse_listen(self.listen)
+        for name in ("connect_timeout_s", "heartbeat_interval_s", "embedded_start_timeout_s"):
+            _check_positive(name, getattr(self, name))
+        for name in ("read_timeout_s", "shutdown_delay_s", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        _check_positive("max_upstream_connections", self.max_upstream_connections)
+        _check_positive("max_body_bytes", self.max_body_bytes)
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, value, "must be > 0")
+
+
+def _check_url(key: str, value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, value, "expected http://HOST:PORT or https://HOST:PORT")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(key, value, str(exc)) from None
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(key, value, "the primary URL takes no path or query")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6); raise ConfigError when malformed."""
+    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value)
+    if match is None or not match.group(1) or int(match.group(2)) > 65535:
+        raise ConfigError("listen", value, "expected HOST:PORT, e.g. 127.0.0.1:8000")
+    return match.group(1), int(match.group(2))
+
+
+# --- reading -------------------------------------------------------------------------------
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30}
+
+
+def field_type(name: str) -> Any:
+    """The declared type with ``| None`` removed."""
+    hint = _HINTS[name]
+    if isinstance(hint, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def flag_name(name: str) -> str:
+    return str(FIELDS[name].metadata.get("flag", "--" + name.replace("_", "-")))
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def convert(name: str, raw: object) -> object:
+    """Turn a raw value (a string from the environment or a flag, or a TOML value) into the
+    field's type, raising ConfigError naming the key when it does not fit."""
+    kind = field_type(name)
+    if raw == "" and _HINTS[name] != kind:
+        return None  # an empty string clears an optional key
+    try:
+        return _convert(kind, raw, is_bytes=name.endswith("_bytes"))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(name, raw, str(exc) or "invalid value") from None
+
+
+def _convert(kind: Any, raw: object, *, is_bytes: bool) -> object:
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if raw not in choices:
+            raise ValueError("expected one of " + ", ".join(map(str, choices)))
+        return raw
+    if kind is bool:
+        return _to_bool(raw)
+    if kind is int and is_bytes and isinstance(raw, str):
+        return _to_size(raw)
+    if kind is int and isinstance(raw, (bool, float)):
+        raise ValueError("expected a whole number")
+    if kind is int:
+        return _number(int, raw, "expected a whole number")
+    if kind is float:
+        return _number(float, raw, "expected a number")
+    if kind is str:
+        return str(raw)
+    raise TypeError(f"unsupported config type {kind!r}")  # pragma: no cover
+
+
+def _number(kind: type[int] | type[float], raw: object, message: str) -> int | float:
+    try:
+        return kind(raw)  # type: ignore[call-overload,arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+
+
+def _to_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _to_size(raw: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("expected a byte count such as 41943040, 40MiB or 512KiB")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def read_toml(path: str) -> dict[str, object]:
+    """Read a config file; unknown keys are errors so that a typo is not silently ignored."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("config", path, exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", path, f"not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ConfigError(unknown[0], data[unknown[0]], "unknown key in config file")
+    return data
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, object]:
+    """Pick ``REPLICA_PROXY_*`` variables; unknown ones are errors, like unknown TOML keys."""
+    found: dict[str, object] = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        name = var[len(ENV_PREFIX) :].lower()
+        if name not in FIELDS:
+            raise ConfigError(var, value, "unknown environment variable")
+        found[name] = value
+    return found
+
+
+def load(
+    flags: Mapping[str, object],
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Config:
+    """Build the Config from file < environment < flags. Raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    layers = [read_toml(config_file) if config_file else {}, read_env(environ), dict(flags)]
+    values: dict[str, object] = {}
+    for layer in layers:
+        for name, raw in layer.items():
+            values[name] = convert(name, raw)
+    return Config(**values)  # type: ignore[arg-type]  # convert() checked each type
+
+
+def docs_table() -> str:
+    """The README's configuration table, generated so it cannot drift from the code."""
+    rows = ["| key / flag / environment | default | meaning |", "|---|---|---|"]
+    for name, f in FIELDS.items():
+        default = "(embedded)" if f.default is None else repr(f.default)
+        rows.append(
+            f"| `{name}`<br>`{flag_name(name)}`<br>`{env_name(name)}` | `{default}` "
+            f"| {f.metadata['help']} |"
+        )
+    return "\n".join(rows) + "\n"

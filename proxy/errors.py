@@ -1,0 +1,71 @@
+"""Errors the proxy itself answers with, and the one place they become HTTP responses.
+
+    ProxyError
+     ├── UpstreamError                 502  the primary could not be used
+     │    ├── UpstreamUnavailable      502  connection refused / reset / closed
+     │    └── UpstreamTimeout          504  connect or read timed out (also an asyncio.TimeoutError)
+     └── RequestTooLarge               413  body over max_body_bytes
+
+The body is always Chroma's error shape, ``{"error": NAME, "message": TEXT}``, so unmodified
+clients raise a typed exception (the Python client maps ``error`` names it knows, e.g.
+``ChromaError``, to classes; the JS client maps the status code). Errors the *primary* answers
+are not ProxyErrors: they pass through byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+class ProxyError(Exception):
+    """Root of the errors the proxy answers itself."""
+
+    status = 500
+    # A name the Python client knows (chromadb/errors.py error_types), so it raises ChromaError.
+    error_name = "ChromaError"
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class UpstreamError(ProxyError):
+    status = 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError, asyncio.TimeoutError):
+    status = 504
+
+
+class RequestTooLarge(ProxyError):
+    status = 413
+
+
+def error_body(name: str, message: str) -> bytes:
+    return orjson.dumps({"error": name, "message": message})
+
+
+def error_response(status: int, name: str, message: str) -> web.Response:
+    return web.Response(
+        status=status, body=error_body(name, message), content_type="application/json"
+    )
+
+
+def to_response(exc: BaseException) -> web.Response:
+    """Map any exception raised by a handler to a response; unexpected ones become a 500
+    without leaking a stack trace to the client (it goes to the log instead)."""
+    if isinstance(exc, ProxyError):
+        resp = error_response(exc.status, exc.error_name, f"replica-proxy: {exc}")
+        resp.headers.update(exc.headers())
+        return resp
+    log.error("unhandled error", exc_info=exc)
+    return error_response(500, "InternalError", "replica-proxy: internal error (see proxy log)")

@@ -1,0 +1,51 @@
+"""Every Prometheus metric of the proxy, defined once.
+
+Each app gets its own registry so that several apps (tests, or a future multi-listener process)
+never clash on global registration.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Buckets from 0.5 ms (a cache hit) to 30 s (a slow forwarded export page).
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "replica_proxy_requests_total",
+            "Requests answered, by route class, operation, status code and source.",
+            ["route_class", "op", "status", "source"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "replica_proxy_request_duration_seconds",
+            "Time from request start to the last byte of the response.",
+            ["route_class", "source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "replica_proxy_requests_in_flight", "Requests being handled now.", registry=r
+        )
+        self.upstream_errors = Counter(
+            "replica_proxy_upstream_errors_total",
+            "Failed exchanges with the primary, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.primary_up = Gauge(
+            "replica_proxy_primary_up", "1 if the primary answered its last heartbeat.", registry=r
+        )
+        self.draining = Gauge(
+            "replica_proxy_draining", "1 while shutting down (readiness off).", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

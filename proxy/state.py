@@ -1,0 +1,57 @@
+"""Typed keys for what the app and each request carry, and the proxy's mutable status."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .config import Config
+from .metrics import Metrics
+from .routes import Route
+from .upstream import Upstream
+
+
+@dataclass(slots=True)
+class ProxyState:
+    """What /readyz reports. Written by the heartbeat task and the shutdown sequence only."""
+
+    primary_up: bool = False
+    draining: bool = False
+
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if not self.primary_up:
+            return "primary not answering heartbeats"
+        return None
+
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+STATE = web.AppKey("state", ProxyState)
+UPSTREAM = web.AppKey("upstream", Upstream)
+
+# Per-request values (request[KEY]); plain strings, as aiohttp has no typed request keys.
+ROUTE = "replica_proxy.route"
+REQUEST_ID = "replica_proxy.request_id"
+SOURCE = "replica_proxy.source"  # who answered: "primary" or "proxy" (later "replica", "cache")
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(request: web.BaseRequest) -> str:
+    """The request's id: the client's X-Request-Id if it is sane, else a new random one."""
+    rid: str | None = request.get(REQUEST_ID)
+    if rid is None:
+        sent = request.headers.get("X-Request-Id", "")
+        rid = sent if _CLIENT_ID.fullmatch(sent) else os.urandom(8).hex()
+        request[REQUEST_ID] = rid
+    return rid
+
+
+def route_of(request: web.BaseRequest) -> Route | None:
+    route: Route | None = request.get(ROUTE)
+    return route

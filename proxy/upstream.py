@@ -1,0 +1,189 @@
+"""The only caller of the primary: one pooled aiohttp session, bounded and timed out.
+
+aiohttp errors are translated into proxy errors here, once (see errors.py), so the rest of the
+proxy never sees an aiohttp client exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import Config
+from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 256 * 1024
+# What can go wrong talking to the primary; _translate() turns each into an UpstreamError.
+_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+# RFC 9110 section 7.6.1: hop-by-hop fields, plus the ones named in Connection, are not forwarded.
+# Proxy-Authorization is for this hop too; Expect was already honoured towards the client
+# (aiohttp answered 100-continue when the body was read).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "trailer",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {"host", "expect"}
+# The proxy frames the response itself (content_length or chunked), and aiohttp's server writes
+# its own Date/Server only when the handler sets none, so those pass through unchanged.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+
+
+def end_to_end(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Copy ``headers`` without hop-by-hop fields (and those listed in ``Connection``)."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("connection", [])  # type: ignore[attr-defined]
+        for token in value.split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low not in drop and low not in named:
+            out.add(name, value)
+    return out
+
+
+def request_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    return end_to_end(headers, _REQUEST_DROP)
+
+
+def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    return end_to_end(headers, _RESPONSE_DROP)
+
+
+class Upstream:
+    """Pooled HTTP client for the primary at ``base_url``. Use as an async context manager."""
+
+    def __init__(self, base_url: str, config: Config, metrics: Metrics) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._config = config
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Upstream:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self._config.connect_timeout_s,
+            sock_read=self._config.read_timeout_s or None,
+        )
+        connector = aiohttp.TCPConnector(
+            limit=self._config.max_upstream_connections, limit_per_host=0
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            # Pass bodies and headers through untouched: no decompression, and no default
+            # User-Agent/Accept/Content-Type added where the client sent none.
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            read_bufsize=CHUNK_BYTES,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream used outside its context"
+        return self._session
+
+    async def send(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Mapping[str, str],
+        body: AsyncIterable[bytes] | bytes | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request and return the response with its body unread.
+
+        The caller must ``release()`` the response. A request without a body is retried once on
+        a connection the primary had already closed (a stale pooled keep-alive connection);
+        requests with a body are never retried, since it has been consumed.
+        """
+        # encoded=True: send the path and query exactly as the client sent them.
+        url = URL(self.base_url + path_qs, encoded=True)
+        attempts = 2 if body is None else 1
+        for attempt in range(attempts):
+            try:
+                return await self.session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False
+                )
+            except aiohttp.ServerDisconnectedError as exc:
+                if attempt + 1 < attempts:
+                    continue
+                raise self._translate(exc) from exc
+            except _FAILURES as exc:
+                raise self._translate(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def iter_body(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """Yield the response body as it arrives, translating read failures."""
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                yield chunk
+        except _FAILURES as exc:
+            raise self._translate(exc) from exc
+
+    async def call_json(
+        self, method: str, path: str, payload: Any = None, timeout_s: float | None = None
+    ) -> tuple[int, Any]:
+        """A small JSON exchange for the proxy's own use (sample data, heartbeats)."""
+        body = None if payload is None else orjson.dumps(payload)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            async with asyncio.timeout(timeout_s):
+                resp = await self.send(method, path, headers, body)
+                try:
+                    raw = await resp.read()
+                finally:
+                    resp.release()
+        except UpstreamError:
+            raise
+        except _FAILURES as exc:
+            raise self._translate(exc) from exc
+        return resp.status, (orjson.loads(raw) if raw else None)
+
+    async def heartbeat(self) -> bool:
+        """True if the primary answered its heartbeat with 200."""
+        try:
+            status, _ = await self.call_json(
+                "GET", "/api/v2/heartbeat", timeout_s=self._config.connect_timeout_s
+            )
+        except (UpstreamError, orjson.JSONDecodeError):
+            return False
+        return status == 200
+
+    def _translate(self, exc: BaseException) -> UpstreamError:
+        err: UpstreamError
+        if isinstance(exc, asyncio.TimeoutError):
+            reason, err = "timeout", UpstreamTimeout(f"primary {self.base_url} timed out")
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            reason = "connect"
+            err = UpstreamUnavailable(f"primary {self.base_url} unreachable: {exc.os_error}")
+        else:
+            reason = "disconnect"
+            err = UpstreamUnavailable(f"primary {self.base_url} failed: {exc!r}")
+        self._metrics.upstream_errors.labels(reason).inc()
+        return err

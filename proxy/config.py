@@ -43,7 +43,7 @@ class Config:
     """Validated settings of one proxy process. Units are in the names (_s, _bytes)."""
 
     primary_url: str | None = _key(
-        "URL of the Chroma primary (http://host:port). Empty: start an embedded primary "
+        "URL of the Chroma primary (http://host:port). Unset: start an embedded primary "
         "(`chroma run`) with its data under data_dir.",
         None,
         flag="--primary",
@@ -68,9 +68,10 @@ class Config:
         100,
     )
     max_body_bytes: int = _key(
-        "Largest request body accepted (413 beyond it). Chroma's own limit is 40 MiB; keep "
-        "this at or above it so the primary's own answer passes through.",
-        48 * 1024 * 1024,
+        "Largest request body accepted; larger ones get 413 before anything reaches the "
+        "primary. The default is Chroma's own limit (its max_payload_size_bytes), which it "
+        "enforces by cutting the connection mid-upload; raise both together.",
+        40 * 1024 * 1024,
     )
     heartbeat_interval_s: float = _key(
         "How often the primary is probed for /readyz and the primary_up metric.", 2.0
@@ -262,13 +263,24 @@ def load(
     return Config(**values)  # type: ignore[arg-type]  # convert() checked each type
 
 
+def _toml_literal(value: object) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, int) and value >= 1 << 20 and value % (1 << 20) == 0:
+        return f'"{value >> 20}MiB"'
+    return repr(value)
+
+
 def docs_table() -> str:
     """The README's configuration table, generated so it cannot drift from the code."""
-    rows = ["| key / flag / environment | default | meaning |", "|---|---|---|"]
+    rows = ["| key (TOML) / flag / environment | default | meaning |", "|---|---|---|"]
     for name, f in FIELDS.items():
-        default = "(embedded)" if f.default is None else repr(f.default)
         rows.append(
-            f"| `{name}`<br>`{flag_name(name)}`<br>`{env_name(name)}` | `{default}` "
-            f"| {f.metadata['help']} |"
+            f"| `{name}`<br>`{flag_name(name)}`<br>`{env_name(name)}` "
+            f"| `{_toml_literal(f.default)}` | {f.metadata['help']} |"
         )
     return "\n".join(rows) + "\n"

@@ -34,24 +34,19 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 UPSTREAM = web.AppKey("upstream", Upstream)
 
-# Per-request values (request[KEY]); plain strings, as aiohttp has no typed request keys.
-ROUTE = "replica_proxy.route"
-REQUEST_ID = "replica_proxy.request_id"
-SOURCE = "replica_proxy.source"  # who answered: "primary" or "proxy" (later "replica", "cache")
+# Per-request values (request[KEY]).
+ROUTE = web.RequestKey("route", Route)
+REQUEST_ID = web.RequestKey("request_id", str)
+SOURCE = web.RequestKey("source", str)  # who answered: "primary" or "proxy" (later "replica")
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id(request: web.BaseRequest) -> str:
     """The request's id: the client's X-Request-Id if it is sane, else a new random one."""
-    rid: str | None = request.get(REQUEST_ID)
+    rid = request.get(REQUEST_ID)
     if rid is None:
         sent = request.headers.get("X-Request-Id", "")
         rid = sent if _CLIENT_ID.fullmatch(sent) else os.urandom(8).hex()
         request[REQUEST_ID] = rid
     return rid
-
-
-def route_of(request: web.BaseRequest) -> Route | None:
-    route: Route | None = request.get(ROUTE)
-    return route

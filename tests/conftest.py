@@ -1,0 +1,38 @@
+"""Session-wide real servers: one Chroma primary and one proxy in front of it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ChromaServer, ProxyProcess
+
+
+@pytest.fixture(scope="session")
+def chroma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
+    """A real `chroma run` shared by the session; tests use unique collection names."""
+    server = ChromaServer(tmp_path_factory.mktemp("chroma") / "data").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(chroma: ChromaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """The proxy as a real process in front of the session's Chroma."""
+    proc = ProxyProcess("--primary", chroma.url, log_dir=tmp_path_factory.mktemp("proxy"))
+    yield proc
+    assert proc.stop() == 0, proc.logs()
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def name() -> str:
+    """A collection name no other test uses."""
+    return "t-" + uuid.uuid4().hex[:12]

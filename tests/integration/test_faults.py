@@ -1,0 +1,201 @@
+"""What clients see when the primary times out, resets, dies mid-response or is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.app import build_app
+from proxy.config import load
+from tests.helpers import ChromaServer, ProxyProcess
+from tests.integration.fake_primary import start_fake_primary
+
+
+@dataclass
+class Rig:
+    proxy: TestServer
+    primary: TestServer
+    session: aiohttp.ClientSession
+
+    def url(self, path: str) -> str:
+        return str(self.proxy.make_url(path))
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    """The proxy in-process, in front of the fault-injecting fake primary."""
+    primary = await start_fake_primary()
+    config = load({"read_timeout_s": "0.5", "max_body_bytes": "1MiB"}, environ={})
+    proxy = TestServer(build_app(config, str(primary.make_url(""))), host="127.0.0.1")
+    await proxy.start_server()
+    async with aiohttp.ClientSession() as session:
+        yield Rig(proxy, primary, session)
+    await proxy.close()
+    await primary.close()
+
+
+async def json_error(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    """The body must be Chroma's error shape, with no stack trace."""
+    assert resp.content_type == "application/json"
+    body: dict[str, str] = await resp.json()
+    assert set(body) == {"error", "message"}
+    assert "Traceback" not in body["message"]
+    assert resp.headers["X-Proxy-Source"] == "proxy"
+    return body
+
+
+async def test_read_timeout_is_504(rig: Rig) -> None:
+    async with rig.session.get(rig.url("/slow?s=3")) as resp:
+        assert resp.status == 504
+        body = await json_error(resp)
+    assert body["error"] == "ChromaError" and "timed out" in body["message"]
+
+
+async def test_connection_reset_is_502(rig: Rig) -> None:
+    async with rig.session.get(rig.url("/reset")) as resp:
+        assert resp.status == 502
+        assert "failed" in (await json_error(resp))["message"]
+
+
+async def test_death_mid_response_breaks_the_connection(rig: Rig) -> None:
+    """After the headers went out, a short body must not look complete to the client."""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with rig.session.get(rig.url("/partial")) as resp:
+            assert resp.status == 200
+            await resp.read()
+    # The proxy itself is fine afterwards.
+    async with rig.session.get(rig.url("/api/v2/heartbeat")) as resp:
+        assert resp.status == 200
+
+
+async def test_primary_5xx_passes_through(rig: Rig) -> None:
+    for code in (500, 503):
+        async with rig.session.get(rig.url(f"/status/{code}")) as resp:
+            assert resp.status == code
+            assert await resp.read() == b'{"error":"InternalError","message":"injected"}'
+            assert resp.headers["X-Proxy-Source"] == "primary"
+
+
+async def test_hop_by_hop_headers_are_not_forwarded(rig: Rig) -> None:
+    headers = {
+        "Connection": "keep-alive, X-Private-Hop",
+        "X-Private-Hop": "secret",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "x-chroma-token": "tok",
+        "User-Agent": "Chroma Python Client v1.5.9",
+    }
+    async with rig.session.get(rig.url("/echo-headers"), headers=headers) as resp:
+        seen = {k.lower(): v for k, v in await resp.json()}
+    assert seen["x-chroma-token"] == "tok"
+    assert seen["user-agent"] == "Chroma Python Client v1.5.9"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-request-id"]
+    for hop in ("x-private-hop", "keep-alive", "te"):
+        assert hop not in seen
+    async with rig.session.get(rig.url("/hop-response")) as resp:
+        assert resp.headers["X-End-To-End"] == "kept"
+        assert "X-Hop" not in resp.headers and "Keep-Alive" not in resp.headers
+
+
+async def test_body_streams_with_its_length(rig: Rig) -> None:
+    payload = os.urandom(900_000)
+    async with rig.session.post(rig.url("/echo-body"), data=payload) as resp:
+        got = await resp.json()
+    assert got == {
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "framing": "length",
+    }
+
+
+async def test_chunked_body_streams(rig: Rig) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"y" * 50_000
+
+    async with rig.session.post(rig.url("/echo-body"), data=chunks()) as resp:
+        got = await resp.json()
+    assert got["size"] == 500_000 and got["framing"] == "chunked"
+
+
+async def test_body_over_limit_is_413(rig: Rig) -> None:
+    async with rig.session.post(rig.url("/echo-body"), data=io.BytesIO(b"x" * (2 << 20))) as resp:
+        assert resp.status == 413
+        assert "max_body_bytes" in (await json_error(resp))["message"]
+
+
+async def test_chunked_body_over_limit_is_413(rig: Rig) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"y" * 65_536
+
+    async with rig.session.post(rig.url("/echo-body"), data=chunks()) as resp:
+        assert resp.status == 413
+        await json_error(resp)
+
+
+async def test_metrics_count_requests_and_errors(rig: Rig) -> None:
+    async with rig.session.get(rig.url("/reset")) as resp:
+        assert resp.status == 502
+    async with rig.session.get(rig.url("/api/v2/heartbeat")) as resp:
+        assert resp.status == 200
+    async with rig.session.get(rig.url("/metrics")) as resp:
+        text = await resp.text()
+    assert 'replica_proxy_upstream_errors_total{reason="disconnect"} 1.0' in text
+    assert (
+        'replica_proxy_requests_total{op="heartbeat",route_class="local_read",'
+        'source="primary",status="200"} 1.0'
+    ) in text
+    assert 'replica_proxy_requests_total{op="unknown",route_class="forward",' in text
+    assert "replica_proxy_request_duration_seconds_bucket" in text
+    assert "replica_proxy_primary_up 1.0" in text
+
+
+async def test_primary_stopped_then_back(tmp_path: Path) -> None:
+    """A real primary goes away: clean 502 JSON and /readyz 503; it returns: both recover."""
+    own = ChromaServer(tmp_path / "data").start()
+    proxy = ProxyProcess("--primary", own.url, "--heartbeat-interval-s", "0.2", log_dir=tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            heartbeat = proxy.url + "/api/v2/heartbeat"
+            async with session.get(heartbeat) as resp:
+                assert resp.status == 200
+            own.stop()
+            async with session.get(heartbeat) as resp:
+                assert resp.status == 502
+                body = await json_error(resp)
+                assert "unreachable" in body["message"]
+            await wait_for_status(session, proxy.url + "/readyz", 503)
+            own.start()  # same port, same data
+            await wait_for_status(session, proxy.url + "/readyz", 200)
+            async with session.get(heartbeat) as resp:
+                assert resp.status == 200
+    finally:
+        own.stop()
+        assert proxy.stop() == 0
+
+
+async def wait_for_status(session: aiohttp.ClientSession, url: str, status: int) -> None:
+    async def current() -> int:
+        async with session.get(url) as resp:
+            body = await resp.read()
+            if resp.status == 503:
+                assert "reason" in json.loads(body)
+            return resp.status
+
+    for _ in range(200):
+        if await current() == status:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never answered {status}")

@@ -12,13 +12,26 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
+from sync.scheduler import RebuildScheduler, SyncSettings
+
 from . import handlers
 from .config import Config
 from .errors import to_response
 from .metrics import Metrics
+from .replicas import ReplicaRouter
 from .routes import RouteClass, classify
 from .sample import load_sample
-from .state import CONFIG, METRICS, ROUTE, SOURCE, STATE, UPSTREAM, ProxyState, request_id
+from .state import (
+    CONFIG,
+    METRICS,
+    ROUTE,
+    ROUTER,
+    SOURCE,
+    STATE,
+    UPSTREAM,
+    ProxyState,
+    request_id,
+)
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -31,15 +44,36 @@ def build_app(config: Config, primary_url: str) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STATE] = ProxyState()
-    app[UPSTREAM] = Upstream(primary_url, config, metrics)
-    app.cleanup_ctx.extend([_upstream_ctx, _heartbeat_ctx, _sample_ctx])
+    app[UPSTREAM] = upstream = Upstream(primary_url, config, metrics)
+    app[ROUTER] = ReplicaRouter(
+        config,
+        lambda router: RebuildScheduler(
+            upstream, router.replicas, sync_settings(config), router.tracker.seq, metrics.on_build
+        ),
+    )
+    # Started in this order, stopped in reverse: the scheduler needs the upstream session.
+    app.cleanup_ctx.extend([_upstream_ctx, _heartbeat_ctx, _sample_ctx, _replicas_ctx])
     app.on_response_prepare.append(_stamp)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     # Everything else, any method, including paths this version does not know.
-    app.router.add_route("*", "/{tail:.*}", handlers.forward)
+    app.router.add_route("*", "/{tail:.*}", handlers.dispatch)
     return app
+
+
+def sync_settings(config: Config) -> SyncSettings:
+    return SyncSettings(
+        store=config.snapshot_path,
+        replicate=config.replicate_list if config.replicas else (),
+        on_demand=config.replicate_on_demand,
+        page_rows=config.export_page_rows,
+        export_concurrency=config.export_concurrency,
+        build_threads=config.build_threads,
+        refresh_interval_s=config.refresh_interval_s,
+        debounce_s=config.rebuild_debounce_s,
+        keep_snapshots=config.keep_snapshots,
+    )
 
 
 @web.middleware
@@ -110,6 +144,16 @@ async def _probe(app: web.Application) -> None:
         )
     state.primary_up = up
     app[METRICS].primary_up.set(1 if up else 0)
+
+
+async def _replicas_ctx(app: web.Application) -> AsyncIterator[None]:
+    router = app[ROUTER]
+    if not app[CONFIG].replicas:
+        yield
+        return
+    async with router.scheduler:
+        yield
+    await router.close()
 
 
 async def _sample_ctx(app: web.Application) -> AsyncIterator[None]:

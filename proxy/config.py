@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 ENV_PREFIX = "REPLICA_PROXY_"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+Consistency = Literal["strong", "session", "bounded", "eventual"]
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,52 @@ class Config:
     embedded_start_timeout_s: float = _key(
         "How long to wait for the embedded primary to answer its first heartbeat.", 60.0
     )
+    replicas: bool = _key(
+        "Answer reads from local replicas. Off: forward every request to the primary.", True
+    )
+    consistency: Consistency = _key(
+        "Default read consistency. strong: always the primary. session: a replica only if it "
+        "includes every write this proxy forwarded for the collection and is at most "
+        "max_staleness_s old. bounded: a replica at most max_staleness_s old. eventual: any "
+        "replica. A request can choose its own with the header X-Proxy-Consistency.",
+        "session",
+    )
+    max_staleness_s: float = _key(
+        "Oldest replica (time since its export started) that session and bounded reads use.",
+        300.0,
+    )
+    refresh_interval_s: float = _key(
+        "Re-export a replica this long after its last export even without known writes "
+        "(picks up writes that did not go through this proxy). At most max_staleness_s.",
+        120.0,
+    )
+    rebuild_debounce_s: float = _key(
+        "After a write through the proxy, rebuild the collection's replica once writes to it "
+        "have paused this long.",
+        1.0,
+    )
+    replicate: str = _key(
+        "Comma-separated tenant/database list whose collections get replicas at start-up "
+        "(database * = all of the tenant's). Empty: none at start-up.",
+        "default_tenant/default_database",
+    )
+    replicate_on_demand: bool = _key(
+        "Also build a replica of any other collection when it is first read.", True
+    )
+    snapshot_dir: str | None = _key(
+        "Where snapshots are published. Unset: <data_dir>/snapshots.", None, metavar="DIR"
+    )
+    keep_snapshots: int = _key("Snapshots kept per collection (older ones are deleted).", 2)
+    export_page_rows: int = _key(
+        "Rows per page when exporting a collection from the primary (at most 32766).", 250
+    )
+    export_concurrency: int = _key("Export pages fetched at once.", 4)
+    build_threads: int = _key("Threads hnswlib uses to build an index.", 1)
+    exact_search_max_rows: int = _key(
+        "A filtered query searches exactly (brute force) when at most this many rows, or 10% "
+        "of the collection, pass the filter; otherwise HNSW with over-fetch.",
+        4096,
+    )
     log_level: LogLevel = _key("Log level: debug, info, warning or error.", "info")
     access_log: bool = _key("Write one access log line per request (logger proxy.access).", True)
 
@@ -100,8 +147,40 @@ class Config:
         for name in ("read_timeout_s", "shutdown_delay_s", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
-        _check_positive("max_upstream_connections", self.max_upstream_connections)
-        _check_positive("max_body_bytes", self.max_body_bytes)
+        for name in (
+            "max_upstream_connections",
+            "max_body_bytes",
+            "max_staleness_s",
+            "refresh_interval_s",
+            "keep_snapshots",
+            "export_page_rows",
+            "export_concurrency",
+            "build_threads",
+            "exact_search_max_rows",
+        ):
+            _check_positive(name, getattr(self, name))
+        if self.rebuild_debounce_s < 0:
+            raise ConfigError("rebuild_debounce_s", self.rebuild_debounce_s, "must be >= 0")
+        if self.refresh_interval_s > self.max_staleness_s:
+            raise ConfigError(
+                "refresh_interval_s",
+                self.refresh_interval_s,
+                f"must be at most max_staleness_s ({self.max_staleness_s:g}), or session reads "
+                "would go to the primary between refreshes",
+            )
+        if self.export_page_rows > 32766:  # Chroma: "too many SQL variables" beyond
+            raise ConfigError("export_page_rows", self.export_page_rows, "must be <= 32766")
+        for spec in self.replicate_list:
+            if spec.count("/") != 1 or not all(spec.split("/")):
+                raise ConfigError("replicate", self.replicate, "expected tenant/database,...")
+
+    @property
+    def replicate_list(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.replicate.split(",") if s.strip())
+
+    @property
+    def snapshot_path(self) -> Path:
+        return Path(self.snapshot_dir) if self.snapshot_dir else Path(self.data_dir) / "snapshots"
 
     @property
     def host(self) -> str:

@@ -4,7 +4,8 @@
      ├── UpstreamError                 502  the primary could not be used
      │    ├── UpstreamUnavailable      502  connection refused / reset / closed
      │    └── UpstreamTimeout          504  connect or read timed out (also an asyncio.TimeoutError)
-     └── RequestTooLarge               413  body over max_body_bytes
+     ├── RequestTooLarge               413  body over max_body_bytes
+     └── BadRequest                    400  a proxy-specific header is invalid
 
 The body is always Chroma's error shape, ``{"error": NAME, "message": TEXT}``, so unmodified
 clients raise a typed exception (the Python client maps ``error`` names it knows, e.g.
@@ -48,6 +49,11 @@ class UpstreamTimeout(UpstreamError, asyncio.TimeoutError):
 
 class RequestTooLarge(ProxyError):
     status = 413
+
+
+class BadRequest(ProxyError):
+    status = 400
+    error_name = "InvalidArgumentError"
 
 
 def error_body(name: str, message: str) -> bytes:

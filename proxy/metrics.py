@@ -47,5 +47,29 @@ class Metrics:
             "replica_proxy_draining", "1 while shutting down (readiness off).", registry=r
         )
 
+        self.local_fallbacks = Counter(
+            "replica_proxy_local_fallbacks_total",
+            "Local-read candidates forwarded after all, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.rebuilds = Counter(
+            "replica_proxy_rebuilds_total", "Replica rebuilds, by result.", ["result"], registry=r
+        )
+        self.rebuild_seconds = Histogram(
+            "replica_proxy_rebuild_seconds",
+            "Time to export, build, publish and swap one replica.",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.replicas = Gauge(
+            "replica_proxy_replicas", "Collections served from a local replica.", registry=r
+        )
+
+    def on_build(self, result: str, seconds: float, rows: int) -> None:
+        self.rebuilds.labels(result).inc()
+        if result == "ok":
+            self.rebuild_seconds.observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .config import Config
 from .metrics import Metrics
+from .replicas import ReplicaRouter
 from .routes import Route
 from .upstream import Upstream
 
@@ -33,6 +34,7 @@ CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 UPSTREAM = web.AppKey("upstream", Upstream)
+ROUTER = web.AppKey("router", ReplicaRouter)
 
 # Per-request values (request[KEY]).
 ROUTE = web.RequestKey("route", Route)

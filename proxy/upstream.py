@@ -146,12 +146,14 @@ class Upstream:
         except _FAILURES as exc:
             raise self._translate(exc) from exc
 
-    async def call_json(
+    async def call_raw(
         self, method: str, path: str, payload: Any = None, timeout_s: float | None = None
-    ) -> tuple[int, Any]:
-        """A small JSON exchange for the proxy's own use (sample data, heartbeats)."""
+    ) -> tuple[int, bytes]:
+        """One exchange for the proxy's own use (exports, sample data, heartbeats): JSON out,
+        status and raw body back."""
         body = None if payload is None else orjson.dumps(payload)
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        # Chroma refuses bodies without this content type, and the Python client sends it always.
+        headers = {"Content-Type": "application/json"}
         try:
             async with asyncio.timeout(timeout_s):
                 resp = await self.send(method, path, headers, body)
@@ -163,7 +165,13 @@ class Upstream:
             raise
         except _FAILURES as exc:
             raise self._translate(exc) from exc
-        return resp.status, (orjson.loads(raw) if raw else None)
+        return resp.status, raw
+
+    async def call_json(
+        self, method: str, path: str, payload: Any = None, timeout_s: float | None = None
+    ) -> tuple[int, Any]:
+        status, raw = await self.call_raw(method, path, payload, timeout_s)
+        return status, (orjson.loads(raw) if raw else None)
 
     async def heartbeat(self) -> bool:
         """True if the primary answered its heartbeat with 200."""

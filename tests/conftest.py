@@ -21,8 +21,23 @@ def chroma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
 
 @pytest.fixture(scope="session")
 def proxy(chroma: ChromaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    """The proxy as a real process in front of the session's Chroma."""
-    proc = ProxyProcess("--primary", chroma.url, log_dir=tmp_path_factory.mktemp("proxy"))
+    """The proxy as a real process in front of the session's Chroma, default settings
+    (replicas on, session consistency)."""
+    log_dir = tmp_path_factory.mktemp("proxy")
+    proc = ProxyProcess("--primary", chroma.url, "--data-dir", str(log_dir), log_dir=log_dir)
+    yield proc
+    assert proc.stop() == 0, proc.logs()
+
+
+@pytest.fixture(scope="session")
+def forwarding_proxy(
+    chroma: ChromaServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """A proxy with replicas off: every request is forwarded."""
+    log_dir = tmp_path_factory.mktemp("forwarding-proxy")
+    proc = ProxyProcess(
+        "--primary", chroma.url, "--no-replicas", "--data-dir", str(log_dir), log_dir=log_dir
+    )
     yield proc
     assert proc.stop() == 0, proc.logs()
 

@@ -89,8 +89,12 @@ def _request(case: tuple[str, str, str, Any, int], cid: str, name: str) -> tuple
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 async def test_response_identical(
-    chroma: ChromaServer, proxy: ProxyProcess, name: str, case: tuple[str, str, str, Any, int]
+    chroma: ChromaServer,
+    forwarding_proxy: ProxyProcess,
+    name: str,
+    case: tuple[str, str, str, Any, int],
 ) -> None:
+    proxy = forwarding_proxy
     async with aiohttp.ClientSession() as session:
         cid = await make_collection(session, chroma.url, name)
         method, path, body = _request(case, cid, name)
@@ -109,7 +113,8 @@ async def test_response_identical(
     assert got_headers["X-Request-Id"]
 
 
-async def test_head_and_trace_header(proxy: ProxyProcess, chroma: ChromaServer) -> None:
+async def test_head_and_trace_header(forwarding_proxy: ProxyProcess, chroma: ChromaServer) -> None:
+    proxy = forwarding_proxy
     async with aiohttp.ClientSession() as session:
         want = await exchange(session, chroma.url, "GET", f"{D}/collections/nope")
         got = await exchange(session, proxy.url, "GET", f"{D}/collections/nope")

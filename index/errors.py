@@ -1,0 +1,32 @@
+"""Errors of the index package.
+
+IndexError_ (root)
+ ├── NotLocal                  the replica cannot answer this request exactly: forward it
+ └── SnapshotError             a snapshot on disk is unusable
+      ├── SnapshotFormatError  manifest missing/unreadable or of another format version
+      └── SnapshotCorrupt      a file is missing, of the wrong size, or fails its sha256
+"""
+
+from __future__ import annotations
+
+
+class IndexError_(Exception):
+    """Root of the index package's errors."""
+
+
+class NotLocal(IndexError_):
+    """Raised while parsing or evaluating a request the replica cannot answer exactly as the
+    primary would (an invalid filter, an operator or edge case not replicated). The caller
+    forwards the request instead; the primary then answers, errors included."""
+
+
+class SnapshotError(IndexError_):
+    """A snapshot cannot be used; the serving replica is left as it was."""
+
+
+class SnapshotFormatError(SnapshotError, ValueError):
+    pass
+
+
+class SnapshotCorrupt(SnapshotError, ValueError):
+    pass

@@ -1,0 +1,157 @@
+"""Answering reads from a replica with exactly the bytes' meaning the primary would send.
+
+Each answer_* function parses the request strictly, evaluates it on an immutable replica and
+encodes Chroma's response shape (field order, nulls, the echoed `include`, float32 numbers).
+Anything not certain to match the primary (unknown fields, invalid values, edge cases) raises
+NotLocal and the request is forwarded; the primary then produces its own answer or error.
+These functions are pure and thread-safe: handlers run them in a worker thread, where the
+searches release the GIL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+
+from index.errors import NotLocal
+from index.filters import Filter, parse_where, parse_where_document
+from index.replica import ReplicaIndex, Rows
+
+INCLUDE_VALUES = frozenset({"distances", "documents", "embeddings", "metadatas", "uris"})
+GET_DEFAULT_INCLUDE = ["documents", "metadatas"]
+QUERY_DEFAULT_INCLUDE = ["documents", "metadatas", "distances"]
+_GET_KEYS = frozenset({"ids", "where", "where_document", "limit", "offset", "include"})
+_QUERY_KEYS = frozenset({"ids", "where", "where_document", "n_results", "include"})
+_QUERY_KEYS |= {"query_embeddings"}
+_DUMPS = orjson.OPT_SERIALIZE_NUMPY
+# Chroma 1.5.9 fails a get with metadatas and limit beyond this (chroma-wire.md section 14.8);
+# forward so the client sees the primary's own answer.
+_SQL_VARIABLE_LIMIT = 32766
+
+
+def _body(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise NotLocal("body is not JSON") from None
+    if not isinstance(body, dict) or not set(body) <= allowed:
+        raise NotLocal("unexpected body shape")
+    return body
+
+
+def _count(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise NotLocal(f"{name} must be a non-negative integer")
+    return value
+
+
+def _include(body: dict[str, Any], default: list[str]) -> list[str]:
+    if "include" not in body:
+        return default
+    include = body["include"]
+    if not isinstance(include, list) or not all(v in INCLUDE_VALUES for v in include):
+        raise NotLocal("unknown include value")
+    return include
+
+
+def _ids(value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+        raise NotLocal("ids must be a list of strings")
+    return value
+
+
+def _filters(body: dict[str, Any]) -> list[Filter]:
+    filters = []
+    if body.get("where") is not None:
+        filters.append(parse_where(body["where"]))
+    if body.get("where_document") is not None:
+        filters.append(parse_where_document(body["where_document"]))
+    return filters
+
+
+def _columns(replica: ReplicaIndex, rows: Rows, include: list[str]) -> dict[str, Any]:
+    """The per-row fields of a response, in Chroma's key order; absent ones are null."""
+    records = replica.records
+    take = rows.tolist()
+    return {
+        "embeddings": replica.embeddings(rows) if "embeddings" in include else None,
+        "documents": [records.documents[r] for r in take] if "documents" in include else None,
+        "uris": [records.uris[r] for r in take] if "uris" in include else None,
+        "metadatas": [records.metadatas[r] for r in take] if "metadatas" in include else None,
+    }
+
+
+def answer_get(replica: ReplicaIndex, raw: bytes) -> bytes:
+    body = _body(raw, _GET_KEYS)
+    include = _include(body, GET_DEFAULT_INCLUDE)
+    limit = _count(body.get("limit"), "limit")
+    offset = _count(body.get("offset"), "offset") or 0
+    if limit is not None and limit > _SQL_VARIABLE_LIMIT and "metadatas" in include:
+        raise NotLocal("the primary fails this request; let it answer")
+    allowed = replica.mask(_ids(body.get("ids")), _filters(body))
+    rows = replica.select(allowed, offset, limit)
+    out = {
+        "ids": [replica.records.ids[r] for r in rows.tolist()],
+        **_columns(replica, rows, include),
+    }
+    out["include"] = include
+    return orjson.dumps(out, option=_DUMPS)
+
+
+def answer_query(replica: ReplicaIndex, raw: bytes, exact_max_rows: int) -> bytes:
+    body = _body(raw, _QUERY_KEYS)
+    include = _include(body, QUERY_DEFAULT_INCLUDE)
+    k = _count(body.get("n_results"), "n_results")
+    if k is None:
+        raise NotLocal("n_results missing")
+    queries = _query_vectors(body.get("query_embeddings"), replica)
+    allowed = replica.mask(_ids(body.get("ids")), _filters(body))
+    results = replica.search(queries, k, allowed, exact_max_rows)
+    per_query = [_columns(replica, rows, include) for rows, _ in results]
+    out: dict[str, Any] = {
+        "ids": [[replica.records.ids[r] for r in rows.tolist()] for rows, _ in results]
+    }
+    for field in ("embeddings", "documents", "uris", "metadatas"):
+        out[field] = [c[field] for c in per_query] if per_query[0][field] is not None else None
+    out["distances"] = [d for _, d in results] if "distances" in include else None
+    out["include"] = include
+    return orjson.dumps(out, option=_DUMPS)
+
+
+def _query_vectors(value: object, replica: ReplicaIndex) -> np.ndarray[Any, np.dtype[np.float32]]:
+    # Plain number lists only: base64 strings are a 422 on /query, and a wrong dimension, an
+    # empty list or an empty replica are edge cases the primary answers in its own way.
+    if not isinstance(value, list) or not value or replica.n == 0:
+        raise NotLocal("query_embeddings must be a non-empty list of vectors")
+    dim = replica.manifest.dimension
+    for vector in value:
+        if not isinstance(vector, list) or len(vector) != dim:
+            raise NotLocal("query vector of another dimension")
+        for x in vector:
+            if isinstance(x, bool) or not isinstance(x, int | float):
+                raise NotLocal("query vector holds a non-number")
+    return np.asarray(value, dtype=np.float32)
+
+
+_READ_LEVELS = frozenset({"index_and_wal", "index_only"})
+
+
+def answer_count(replica: ReplicaIndex, query: Mapping[str, str]) -> bytes:
+    if set(query) - {"read_level"} or query.get("read_level", "index_and_wal") not in _READ_LEVELS:
+        raise NotLocal("unknown query parameter")
+    return str(replica.n).encode()
+
+
+def answer_collection(replica: ReplicaIndex, tenant: str | None, database: str | None) -> bytes:
+    """The collection model (get by name, get by id) as of the replica's export."""
+    model = replica.manifest.collection
+    if (model["tenant"], model["database"]) != (tenant, database):
+        raise NotLocal("collection lives in another tenant or database")
+    return orjson.dumps(model)

@@ -1,0 +1,147 @@
+"""ReplicaRouter: what the request path needs of the replicas, in one object.
+
+It finds the replica a request addresses, decides the consistency level, and keeps the write
+bookkeeping (WriteTracker, rebuild requests, dropping replicas of deleted collections) that the
+consistency gate relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from aiohttp import web
+
+from index.holder import ReplicaSet
+from index.replica import ReplicaIndex
+from sync.scheduler import RebuildScheduler
+
+from .config import Config
+from .consistency import Level, WriteTracker, replica_may_answer
+from .errors import BadRequest
+from .routes import Route
+
+log = logging.getLogger(__name__)
+
+CONSISTENCY_HEADER = "X-Proxy-Consistency"
+_UUID = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+# Do not ask the primary again for a collection it just said does not exist.
+_MISSING_TTL_S = 30.0
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class WriteToken:
+    """What a forwarded write touched, to be settled when its response is in."""
+
+    route: Route
+    collection_id: str | None
+
+
+class ReplicaRouter:
+    def __init__(
+        self, config: Config, scheduler_factory: Callable[[ReplicaRouter], RebuildScheduler]
+    ) -> None:
+        self.config = config
+        self.replicas = ReplicaSet()
+        self.tracker = WriteTracker()
+        self.scheduler = scheduler_factory(self)
+        self.executor = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 2, thread_name_prefix="replica-search"
+        )
+        self._missing: dict[str, float] = {}
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a replica computation off the event loop (searches release the GIL)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def replica_for(self, route: Route) -> ReplicaIndex | None:
+        if route.collection is None:
+            return None
+        if route.op == "get_collection":
+            return self.replicas.find_by_name(
+                route.tenant or "", route.database or "", route.collection
+            )
+        replica = self.replicas.get(route.collection)
+        if replica is None and self.config.replicate_on_demand:
+            self._request_on_demand(route)
+        return replica
+
+    def _request_on_demand(self, route: Route) -> None:
+        cid = route.collection or ""
+        if not _UUID.fullmatch(cid) or route.tenant is None or route.database is None:
+            return
+        if self.scheduler.wants(cid) or time.monotonic() < self._missing.get(cid, 0.0):
+            return
+        self._missing[cid] = time.monotonic() + _MISSING_TTL_S
+        self.scheduler.request(cid, route.tenant, route.database)
+
+    def level(self, request: web.Request) -> Level:
+        sent = request.headers.get(CONSISTENCY_HEADER)
+        if sent is None:
+            return Level(self.config.consistency)
+        try:
+            return Level(sent.strip().lower())
+        except ValueError:
+            raise BadRequest(
+                f"{CONSISTENCY_HEADER} must be one of strong, session, bounded, eventual"
+            ) from None
+
+    def fresh_enough(self, replica: ReplicaIndex, level: Level) -> bool:
+        return replica_may_answer(
+            level,
+            covers_seq=replica.covers_write_seq,
+            tracker=self.tracker,
+            collection_id=replica.collection_id,
+            age_s=replica.age_s(),
+            max_staleness_s=self.config.max_staleness_s,
+        )
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def begin_write(self, route: Route) -> WriteToken:
+        """Before a write is forwarded: mark the collection busy so reads go to the primary."""
+        cid = self._written_collection(route)
+        if route.op == "reset":
+            for replica in self.replicas:
+                self.scheduler.forget(replica.collection_id)
+            self.tracker.bump_all()
+        elif route.op == "delete_database":
+            for gone in self.replicas.drop_where(route.tenant, route.database):
+                self.scheduler.forget(gone)
+            self.tracker.bump_all()
+        if cid is not None:
+            self.tracker.begin(cid)
+            if route.op == "delete_collection":
+                self.scheduler.forget(cid)
+        return WriteToken(route, cid)
+
+    def end_write(self, token: WriteToken) -> None:
+        """After the primary answered (or failed): the write may have been applied."""
+        if token.collection_id is None:
+            return
+        self.tracker.end(token.collection_id)
+        if token.route.op != "delete_collection":
+            self.scheduler.notify_write(token.collection_id)
+
+    def _written_collection(self, route: Route) -> str | None:
+        if route.collection is None:
+            return None
+        if route.op == "delete_collection":  # addressed by name
+            replica = self.replicas.find_by_name(
+                route.tenant or "", route.database or "", route.collection
+            )
+            return None if replica is None else replica.collection_id
+        return route.collection

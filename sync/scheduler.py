@@ -1,0 +1,292 @@
+"""RebuildScheduler: decides when a collection's replica is rebuilt, builds it aside, publishes
+the snapshot and swaps it in.
+
+A rebuild runs: fetch the collection model -> export (sync/export.py) -> build the HNSW index in
+a worker thread -> publish the snapshot atomically -> swap. Any failure leaves the serving replica
+untouched and is retried with backoff. Rebuilds are requested on demand (a read of a collection
+without a replica), after writes this proxy forwarded (debounced), and when a replica is older
+than refresh_interval_s. One rebuild runs at a time: on a small machine a second one would only
+compete with the first and with serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from index.errors import SnapshotError
+from index.holder import ReplicaSet
+from index.replica import ReplicaIndex
+from index.snapshot import generations, prune
+
+from .build import build_and_publish
+from .export import Export, ExportChanged, PrimaryClient, export_collection
+
+log = logging.getLogger(__name__)
+
+EXPORT_ATTEMPTS = 3
+# A replica loaded from disk at start-up may miss writes made through an earlier process, so it
+# does not count as covering any of this process' writes (only bounded/eventual reads use it)
+# until its first rebuild here.
+COVERS_NOTHING = -1
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    store: Path
+    replicate: tuple[str, ...]  # "tenant/database" (database "*" = all of the tenant's)
+    on_demand: bool
+    page_rows: int
+    export_concurrency: int
+    build_threads: int
+    refresh_interval_s: float
+    debounce_s: float
+    keep_snapshots: int
+    retry_backoff_s: float = 5.0
+
+
+BuildObserver = Callable[[str, float, int], None]  # (result, seconds, rows)
+
+
+class RebuildScheduler:
+    def __init__(
+        self,
+        client: PrimaryClient,
+        replicas: ReplicaSet,
+        settings: SyncSettings,
+        write_seq: Callable[[str], int],
+        on_build: BuildObserver | None = None,
+    ) -> None:
+        self._client = client
+        self._replicas = replicas
+        self._settings = settings
+        self._write_seq = write_seq
+        self._on_build = on_build or (lambda result, seconds, rows: None)
+        self._where: dict[str, tuple[str, str]] = {}  # collection id -> (tenant, database)
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._failures: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.building: str | None = None
+        self.last_error: str | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> RebuildScheduler:
+        for replica in await asyncio.to_thread(self._load_store):
+            self._replicas.swap(replica)
+            model = replica.manifest.collection
+            self.request(replica.collection_id, model["tenant"], model["database"])
+        for coro in (self._worker(), self._ticker(), self.discover()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def request(self, collection_id: str, tenant: str, database: str) -> None:
+        """Build (or rebuild) a replica of the collection soon."""
+        self._where[collection_id] = (tenant, database)
+        if collection_id not in self._queued and collection_id != self.building:
+            self._queued.add(collection_id)
+            self._queue.put_nowait(collection_id)
+
+    def wants(self, collection_id: str) -> bool:
+        return collection_id in self._where
+
+    def notify_write(self, collection_id: str) -> None:
+        """A write to the collection went through: rebuild once writes pause for debounce_s."""
+        where = self._where.get(collection_id)
+        if where is None:
+            return
+        old = self._timers.pop(collection_id, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[collection_id] = loop.call_later(
+            self._settings.debounce_s, self._debounced, collection_id
+        )
+
+    def _debounced(self, collection_id: str) -> None:
+        self._timers.pop(collection_id, None)
+        where = self._where.get(collection_id)
+        if where is not None:
+            self.request(collection_id, *where)
+
+    def forget(self, collection_id: str) -> None:
+        """The collection is gone: stop serving and stop rebuilding it."""
+        self._where.pop(collection_id, None)
+        timer = self._timers.pop(collection_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._replicas.drop(collection_id)
+
+    # --- background loops -------------------------------------------------------------------
+
+    async def discover(self) -> None:
+        """Request replicas of every collection in the configured databases."""
+        for spec in self._settings.replicate:
+            tenant, _, database = spec.partition("/")
+            try:
+                for db in await self._databases(tenant, database):
+                    for model in await self._collections(tenant, db):
+                        self.request(model["id"], tenant, db)
+            except Exception as exc:  # the primary may be down; the ticker retries later
+                self.last_error = f"discovery of {spec}: {exc}"
+                log.warning("replica discovery of %s failed: %s", spec, exc)
+
+    async def _databases(self, tenant: str, database: str) -> list[str]:
+        if database != "*":
+            return [database]
+        status, raw = await self._client.call_raw("GET", f"/api/v2/tenants/{tenant}/databases")
+        if status != 200:
+            raise RuntimeError(f"listing databases answered {status}")
+        return [db["name"] for db in orjson.loads(raw)]
+
+    async def _collections(self, tenant: str, database: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        while True:
+            path = f"/api/v2/tenants/{tenant}/databases/{database}/collections"
+            status, raw = await self._client.call_raw(
+                "GET", f"{path}?limit=100&offset={len(found)}"
+            )
+            if status != 200:
+                raise RuntimeError(f"listing collections answered {status}")
+            page = orjson.loads(raw)
+            found += page
+            if len(page) < 100:
+                return found
+
+    async def _worker(self) -> None:
+        while True:
+            collection_id = await self._queue.get()
+            self._queued.discard(collection_id)
+            if collection_id not in self._where:
+                continue
+            self.building = collection_id
+            try:
+                await self._rebuild(collection_id)
+                self._failures.pop(collection_id, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(collection_id, exc)
+            finally:
+                self.building = None
+
+    async def _ticker(self) -> None:
+        """Refresh replicas that are older than refresh_interval_s."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for replica in self._replicas:
+                cid = replica.collection_id
+                if replica.age_s(now) > self._settings.refresh_interval_s and cid in self._where:
+                    self.request(cid, *self._where[cid])
+
+    def _failed(self, collection_id: str, exc: Exception) -> None:
+        count = self._failures.get(collection_id, 0) + 1
+        self._failures[collection_id] = count
+        delay = min(self._settings.retry_backoff_s * 2 ** (count - 1), 300.0)
+        self.last_error = f"{collection_id}: {exc}"
+        log.warning(
+            "rebuild of %s failed (%s); the serving replica is unchanged; retry in %.0fs",
+            collection_id,
+            exc,
+            delay,
+        )
+        self._on_build("error", 0.0, 0)
+        where = self._where.get(collection_id)
+        if where is not None:
+            asyncio.get_running_loop().call_later(delay, self.request, collection_id, *where)
+
+    # --- one rebuild ------------------------------------------------------------------------
+
+    async def _rebuild(self, collection_id: str) -> None:
+        started = time.monotonic()
+        tenant, database = self._where[collection_id]
+        covers = self._write_seq(collection_id)  # writes acknowledged before the export starts
+        path = f"/api/v2/tenants/{tenant}/databases/{database}/collections/by-id/{collection_id}"
+        status, raw = await self._client.call_raw("GET", path)
+        if status == 404:
+            log.info("collection %s no longer exists; dropping its replica", collection_id)
+            self.forget(collection_id)
+            return
+        if status != 200:
+            raise RuntimeError(f"collection lookup answered {status}")
+        model = orjson.loads(raw)
+        export = await self._export(model)
+        replica = await asyncio.to_thread(
+            build_and_publish,
+            export,
+            self._settings.store,
+            self._client.base_url,
+            covers,
+            self._settings.build_threads,
+        )
+        if collection_id not in self._where:  # deleted while we were building
+            return
+        self._replicas.swap(replica)
+        seconds = time.monotonic() - started
+        self._on_build("ok", seconds, replica.n)
+        log.info(
+            "replica %s (%s) generation %d serving: %d rows, built in %.1fs",
+            model["name"],
+            collection_id,
+            replica.generation,
+            replica.n,
+            seconds,
+        )
+        await asyncio.to_thread(
+            prune, self._settings.store, collection_id, self._settings.keep_snapshots
+        )
+
+    async def _export(self, model: dict[str, Any]) -> Export:
+        for attempt in range(1, EXPORT_ATTEMPTS + 1):
+            try:
+                return await export_collection(
+                    self._client, model, self._settings.page_rows, self._settings.export_concurrency
+                )
+            except ExportChanged as exc:
+                if attempt == EXPORT_ATTEMPTS:
+                    raise
+                log.info("export changed under us (%s); exporting again", exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _load_store(self) -> list[ReplicaIndex]:
+        """Runs in a worker thread at start-up: the newest valid snapshot of each collection."""
+        store = self._settings.store
+        if not store.is_dir():
+            return []
+        loaded = []
+        for directory in sorted(p for p in store.iterdir() if p.is_dir()):
+            for snapshot in generations(store, directory.name):
+                try:
+                    replica = ReplicaIndex.open(snapshot)
+                except (SnapshotError, OSError, RuntimeError, ValueError) as exc:
+                    log.error("refusing snapshot %s: %s", snapshot, exc)
+                    continue
+                # It may miss writes made through an earlier process: it covers none of ours.
+                replica.covers_write_seq = COVERS_NOTHING
+                loaded.append(replica)
+                break
+        return loaded

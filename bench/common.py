@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import select
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-BIN = Path(sys.executable).parent
+from tests.helpers import ProxyProcess
+
 D = "/api/v2/tenants/default_tenant/databases/default_database"
 
 # wrk runs this script: it cycles through the request bodies in `bodies` and prints the latency
@@ -118,42 +114,29 @@ def clustered(
     return out
 
 
-_BANNER = re.compile(rb"serving on http://([\d.]+):(\d+) -> \w+ primary (\S+)")
-
-
 class Proxy:
-    """`replica-proxy serve` with an embedded primary, both torn down on exit."""
+    """`replica-proxy serve` with an embedded primary (the tests' ProxyProcess), torn down on
+    exit together with its temporary directory."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, data_dir: Path | None = None) -> None:
+        """``data_dir`` keeps the embedded primary's data between runs; snapshots always go
+        to a fresh temporary directory, so every run measures a full export and build."""
         self.dir = Path(tempfile.mkdtemp(prefix="replica-bench-"))
-        self.log = open(self.dir / "proxy.log", "wb")  # noqa: SIM115
-        argv = [str(BIN / "replica-proxy"), "serve", "--listen", "127.0.0.1:0"]
-        argv += ["--data-dir", str(self.dir), "--no-access-log", *args]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log)
-        banner = self._banner()
-        match = _BANNER.search(banner)
-        assert match is not None, banner
-        self.url = f"http://127.0.0.1:{int(match.group(2))}"
-        self.primary_url = match.group(3).decode()
+        self.process = ProxyProcess(
+            "--data-dir", str(data_dir or self.dir), "--no-access-log",
+            "--snapshot-dir", str(self.dir / "snapshots"), *args, log_dir=self.dir,
+        )  # fmt: skip
+        self.url = self.process.url
+        self.primary_url = self.process.primary_url
 
-    def _banner(self) -> bytes:
-        assert self.proc.stdout is not None
-        fd, out, deadline = self.proc.stdout.fileno(), b"", time.monotonic() + 120
-        while b"Stop: Ctrl-C" not in out:
-            ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
-            chunk = os.read(fd, 4096) if ready else b""
-            if not chunk:
-                raise RuntimeError(f"proxy did not start; see {self.dir / 'proxy.log'}")
-            out += chunk
-        return out
+    def logs(self) -> str:
+        return self.process.logs()
 
     def __enter__(self) -> Proxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-        self.log.close()
+        self.process.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

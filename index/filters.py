@@ -52,7 +52,12 @@ def _all(ctx: Filterable) -> Mask:
     return np.ones(ctx.n, np.bool_)
 
 
-def _logical(op: str, parts: list[Filter]) -> Filter:
+def _logical(op: str, value: object, parse: Callable[[object], Filter]) -> Filter:
+    """``$and``/``$or`` over a list of clauses, each parsed with ``parse``."""
+    if not isinstance(value, list):
+        raise NotLocal(f"{op} takes a list")
+    parts = [parse(part) for part in value]
+
     def run(ctx: Filterable) -> Mask:
         if not parts:
             return np.ones(ctx.n, np.bool_) if op == "$and" else np.zeros(ctx.n, np.bool_)
@@ -72,9 +77,7 @@ def parse_where(clause: object) -> Filter:
     """Parse a `where` object (not null)."""
     key, value = _single(clause)
     if key in ("$and", "$or"):
-        if not isinstance(value, list):
-            raise NotLocal(f"{key} takes a list")
-        return _logical(key, [parse_where(part) for part in value])
+        return _logical(key, value, parse_where)
     if key.startswith("$"):
         raise NotLocal(f"unknown logical operator {key}")
     if key == "#document":
@@ -127,9 +130,7 @@ def parse_where_document(clause: object) -> Filter:
     """Parse a `where_document` object (not null)."""
     key, value = _single(clause)
     if key in ("$and", "$or"):
-        if not isinstance(value, list):
-            raise NotLocal(f"{key} takes a list")
-        return _logical(key, [parse_where_document(part) for part in value])
+        return _logical(key, value, parse_where_document)
     return _parse_document_operator({key: value})
 
 

@@ -71,7 +71,7 @@ class ReplicaIndex:
     columns: Columns = field(init=False)
     row_of: dict[str, int] = field(init=False)
     documents_plain_ascii: bool = field(init=False)
-    _norms: npt.NDArray[np.float64] | None = field(init=False, default=None)
+    _inverse_norms_cache: npt.NDArray[np.float32] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.n = len(self.records.ids)
@@ -166,15 +166,27 @@ class ReplicaIndex:
     def _exact(
         self, queries: Vectors, k: int, rows: Rows
     ) -> list[tuple[Rows, npt.NDArray[np.float32]]]:
-        """Brute force over ``rows`` in float64, with the distance each space defines."""
-        sub = np.asarray(self.vectors[rows], dtype=np.float64)
+        """Brute force over ``rows``, in float32 like hnswlib, with each space's distance."""
+        sub = np.asarray(self.vectors[rows], dtype=np.float32)
+        inverse_norms = self._inverse_norms()[rows] if self.manifest.space == "cosine" else None
         out = []
-        for query in queries.astype(np.float64):
-            dists = _distances(self.manifest.space, sub, query)
+        for query in queries:
+            dists = _distances(self.manifest.space, sub, query, inverse_norms)
             top = np.argpartition(dists, k - 1)[:k] if k < len(dists) else np.arange(len(dists))
             top = top[np.lexsort((rows[top], dists[top]))]
             out.append((rows[top], dists[top].astype(np.float32)))
         return out
+
+    def _inverse_norms(self) -> npt.NDArray[np.float32]:
+        """1/|x| per row for cosine, computed on first use (a benign race between threads:
+        both compute the same array)."""
+        if self._inverse_norms_cache is None:
+            norms = np.linalg.norm(np.asarray(self.vectors, dtype=np.float32), axis=1)
+            with np.errstate(divide="ignore"):
+                self._inverse_norms_cache = np.where(norms > 0, 1.0 / norms, 0.0).astype(
+                    np.float32
+                )
+        return self._inverse_norms_cache
 
     @classmethod
     def open(cls, directory: Path) -> ReplicaIndex:
@@ -203,19 +215,24 @@ class ReplicaIndex:
 
 
 def _distances(
-    space: str, sub: npt.NDArray[np.float64], query: npt.NDArray[np.float64]
-) -> npt.NDArray[np.float64]:
-    """Chroma's distances (chroma-wire.md 8.1): squared L2, 1 - cosine, 1 - dot."""
+    space: str,
+    sub: Vectors,
+    query: Vectors,
+    inverse_norms: npt.NDArray[np.float32] | None,
+) -> npt.NDArray[np.float32]:
+    """Chroma's distances (chroma-wire.md 8.1): squared L2, 1 - cosine, 1 - dot. L2 sums
+    squared differences (not |x|^2 - 2x.q + |q|^2, which cancels badly near the query)."""
     if space == "l2":
         diff = sub - query
-        result: npt.NDArray[np.float64] = np.einsum("ij,ij->i", diff, diff)
+        result: npt.NDArray[np.float32] = np.einsum("ij,ij->i", diff, diff)
         return result
     if space == "ip":
-        return 1.0 - sub @ query
+        return np.float32(1.0) - sub @ query
     if space == "cosine":
-        norms = np.linalg.norm(sub, axis=1) * np.linalg.norm(query)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return 1.0 - (sub @ query) / np.where(norms == 0, 1.0, norms)
+        assert inverse_norms is not None
+        q_norm = np.linalg.norm(query)
+        scale = np.float32(1.0 / q_norm) if q_norm > 0 else np.float32(0.0)
+        return np.float32(1.0) - (sub @ query) * inverse_norms * scale
     raise NotLocal(f"space {space!r} is not replicated")
 
 

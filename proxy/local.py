@@ -111,7 +111,9 @@ def answer_query(replica: ReplicaIndex, raw: bytes, exact_max_rows: int) -> byte
     k = _count(body.get("n_results"), "n_results")
     if k is None:
         raise NotLocal("n_results missing")
-    queries = _query_vectors(body.get("query_embeddings"), replica)
+    queries = _query_vectors(
+        body.get("query_embeddings"), replica, b"true" in raw or b"false" in raw
+    )
     allowed = replica.mask(_ids(body.get("ids")), _filters(body))
     results = replica.search(queries, k, allowed, exact_max_rows)
     per_query = [_columns(replica, rows, include) for rows, _ in results]
@@ -125,19 +127,27 @@ def answer_query(replica: ReplicaIndex, raw: bytes, exact_max_rows: int) -> byte
     return orjson.dumps(out, option=_DUMPS)
 
 
-def _query_vectors(value: object, replica: ReplicaIndex) -> np.ndarray[Any, np.dtype[np.float32]]:
-    # Plain number lists only: base64 strings are a 422 on /query, and a wrong dimension, an
-    # empty list or an empty replica are edge cases the primary answers in its own way.
+def _query_vectors(
+    value: object, replica: ReplicaIndex, may_hold_bools: bool
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Plain number lists of the replica's dimension, else NotLocal: base64 strings are a 422
+    on /query, and a wrong dimension, an empty list or an empty replica are edge cases the
+    primary answers in its own way."""
     if not isinstance(value, list) or not value or replica.n == 0:
         raise NotLocal("query_embeddings must be a non-empty list of vectors")
-    dim = replica.manifest.dimension
-    for vector in value:
-        if not isinstance(vector, list) or len(vector) != dim:
-            raise NotLocal("query vector of another dimension")
-        for x in vector:
-            if isinstance(x, bool) or not isinstance(x, int | float):
-                raise NotLocal("query vector holds a non-number")
-    return np.asarray(value, dtype=np.float32)
+    try:
+        vectors = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise NotLocal("query_embeddings holds something other than numbers") from None
+    if vectors.ndim != 2 or vectors.shape[1] != replica.manifest.dimension:
+        raise NotLocal("query vector of another dimension")
+    if not np.isfinite(vectors).all():
+        raise NotLocal("query vector out of float32 range")
+    # numpy turns JSON true/false into 1/0; the primary refuses them. Checked only when the
+    # body holds such a token at all, since the per-element test costs more than the search.
+    if may_hold_bools and any(isinstance(x, bool) for v in value for x in v):
+        raise NotLocal("query vector holds a boolean")
+    return vectors
 
 
 _READ_LEVELS = frozenset({"index_and_wal", "index_only"})

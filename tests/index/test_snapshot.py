@@ -66,7 +66,8 @@ def test_hnsw_and_exact_agree_on_clustered_data(tmp_path: Path, space: str) -> N
     hnsw = replica.search(queries, 10, None)
     exact = replica.search(queries, 10, np.ones(replica.n, np.bool_), exact_max_rows=10**9)
     for (rows_h, d_h), (rows_e, d_e) in zip(hnsw, exact, strict=True):
-        assert rows_h.tolist() == rows_e.tolist()
+        # Same rows; the order may differ only between near-ties (float32 resolution).
+        assert set(rows_h.tolist()) == set(rows_e.tolist())
         np.testing.assert_allclose(d_h, d_e, rtol=1e-5, atol=1e-5)
 
 

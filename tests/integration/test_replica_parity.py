@@ -124,6 +124,8 @@ WHERE: list[tuple[Any, Any]] = [
     ({"n": {"$lt": 100}}, None),
     ({"n": {"$gte": 1000}}, None),
     ({"score": {"$gt": 5.5}}, None),
+    ({"score": {"$lte": 3.3}}, None),
+    ({"cat": {"$eq": "c4"}}, None),
     ({"score": {"$ne": 2.0}}, None),
     ({"flag": True}, None),
     ({"tags": {"$contains": "t1"}}, None),

@@ -1,0 +1,211 @@
+"""Replica path vs the primary, side by side on the same data, in one run.
+
+    bash bench/setup.sh                      # wrk, once
+    .venv/bin/python -m bench.replica [--rows 100000] [--dim 384] [--seconds 10]
+
+1. Generates a reproducible clustered collection (rows x dim, metadata and documents) and loads
+   it into a Chroma primary started by the proxy (embedded mode), unless it is already there
+   (`--data-dir` keeps it between runs).
+2. Measures export + build of the replica: from the first read until the replica serves.
+3. For unfiltered and filtered top-10 queries at concurrency 1, 8 and 32, drives the same
+   query bodies with wrk at the primary directly and at the proxy (replica path; there is no
+   result cache yet, so every request is a real search), and reports QPS and p50/p95/p99.
+4. Computes recall@10 of both against exact search (numpy, float64) on the same queries.
+
+Writes bench/results/replica.{json,md} and prints the ratios. All processes share one 2-core
+machine: the primary is idle while the proxy is measured, but wrk runs on the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from bench.common import D, Proxy, call, clustered, write_report, wrk
+
+CONCURRENCY = (1, 8, 32)
+TOPICS = ["news", "sports", "science", "art", "travel"]
+NAME = "bench"
+FILTERS: dict[str, dict[str, Any] | None] = {
+    "unfiltered": None,
+    "filtered 20% (topic)": {"topic": "science"},
+    "filtered 5% (n < 5000)": {"n": {"$lt": 5000}},
+}
+
+
+def main() -> None:
+    args = _args()
+    vectors = clustered(args.rows, args.dim, clusters=200, seed=7)
+    rng = np.random.default_rng(11)
+    picks = rng.choice(args.rows, size=args.queries, replace=False)
+    queries = (vectors[picks] + rng.normal(scale=0.1, size=(args.queries, args.dim))).astype(
+        np.float32
+    )
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    results: dict[str, Any] = {"rows": args.rows, "dim": args.dim, "seconds": args.seconds}
+    # No periodic refresh during the run: a rebuild would compete with what is measured.
+    proxy_args = ("--replicate", "", "--build-threads", "2", "--max-staleness-s", "86400",
+                  "--refresh-interval-s", "86400")  # fmt: skip
+    with Proxy(*proxy_args, data_dir=data_dir) as proxy:
+        cid = _ensure_loaded(proxy.primary_url, vectors)
+        results["build"] = _measure_build(proxy, cid, args.rows)
+        print(f"replica built: {results['build']}", flush=True)
+        for label, where in FILTERS.items():
+            bodies = [_body(q, where) for q in queries]
+            path = f"{D}/collections/{cid}/query"
+            entry: dict[str, Any] = {}
+            for side, base in (("primary", proxy.primary_url), ("replica", proxy.url)):
+                entry[side] = {"recall@10": _recall(base + path, bodies, vectors, queries, where)}
+                for c in CONCURRENCY:
+                    print(f"{label} c={c} {side} ...", flush=True)
+                    run = wrk(base + path, connections=c, seconds=args.seconds, method="POST",
+                              bodies=bodies)  # fmt: skip
+                    entry[side][str(c)] = run.as_dict()
+            results[label] = entry
+    write_report(Path(args.out), "replica", results, _markdown(results))
+
+
+def _body(query: npt.NDArray[np.float32], where: dict[str, Any] | None) -> str:
+    body: dict[str, Any] = {"query_embeddings": [query.tolist()], "n_results": 10,
+                            "include": ["distances"]}  # fmt: skip
+    if where is not None:
+        body["where"] = where
+    return json.dumps(body)
+
+
+def _ensure_loaded(base: str, vectors: npt.NDArray[np.float32]) -> str:
+    create = {"name": NAME, "configuration": {"hnsw": {"space": "cosine"}}, "get_or_create": True}
+    cid: str = call(base, "POST", f"{D}/collections", create)["id"]
+    have = int(call(base, "GET", f"{D}/collections/{cid}/count"))
+    if have == len(vectors):
+        print(f"primary already holds {have} rows", flush=True)
+        return cid
+    assert have == 0, f"collection holds {have} rows; use a fresh --data-dir"
+    started, batch = time.monotonic(), 2000
+    for start in range(0, len(vectors), batch):
+        rows = range(start, min(start + batch, len(vectors)))
+        call(base, "POST", f"{D}/collections/{cid}/add", {
+            "ids": [f"r{i}" for i in rows],
+            # base64 little-endian float32, as the clients send it (chroma-wire.md 2.1)
+            "embeddings": [base64.b64encode(vectors[i].astype("<f4").tobytes()).decode()
+                           for i in rows],
+            "metadatas": [{"topic": TOPICS[i % 5], "n": i, "score": (i % 1000) / 10}
+                          for i in rows],
+            "documents": [f"row {i} about {TOPICS[i % 5]}" for i in rows],
+        })  # fmt: skip
+        done = rows.stop
+        rate = done / (time.monotonic() - started)
+        print(f"loaded {done}/{len(vectors)} rows ({rate:.0f} rows/s)", flush=True)
+    return cid
+
+
+def _measure_build(proxy: Proxy, cid: str, rows: int) -> dict[str, float]:
+    """First read triggers the on-demand build; time until the replica answers."""
+    started = time.monotonic()
+    url = f"{proxy.url}{D}/collections/{cid}/count"
+    while True:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            if resp.headers.get("X-Proxy-Source") == "replica":
+                break
+        time.sleep(0.2)
+    seconds = time.monotonic() - started
+    log = proxy.logs()
+    export = re.search(r"export \S+: \d+ rows in ([\d.]+)s", log)
+    export_s = float(export.group(1)) if export else float("nan")
+    return {
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows / seconds),
+        "export_seconds": export_s,
+        "export_rows_per_s": round(rows / export_s) if export_s else 0,
+        "build_and_publish_seconds": round(seconds - export_s, 2),
+    }
+
+
+def _recall(
+    url: str,
+    bodies: list[str],
+    vectors: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    where: dict[str, Any] | None,
+) -> float:
+    """recall@10 against exact cosine search over the rows the filter allows."""
+    rows = np.arange(len(vectors))
+    if where is not None:
+        rows = rows[_allowed(where, len(vectors))]
+    unit = vectors[rows].astype(np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    hits = 0
+    for body, query in zip(bodies, queries, strict=True):
+        req = urllib.request.Request(url, data=body.encode(), method="POST")
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            got = {int(i[1:]) for i in json.load(resp)["ids"][0]}
+        q = query.astype(np.float64) / np.linalg.norm(query)
+        exact = set(rows[np.argsort(-(unit @ q))[:10]].tolist())
+        hits += len(got & exact)
+    return round(hits / (10 * len(bodies)), 4)
+
+
+def _allowed(where: dict[str, Any], n: int) -> npt.NDArray[np.bool_]:
+    i = np.arange(n)
+    if "topic" in where:
+        return np.asarray([TOPICS[j % 5] == where["topic"] for j in range(n)])
+    return np.asarray(i < where["n"]["$lt"])
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    b = results["build"]
+    lines = [
+        f"# Replica path vs primary: {results['rows']} x {results['dim']} clustered, cosine, "
+        f"top-10, {results['seconds']} s per point",
+        "",
+        f"Export + build + publish of the replica: {b['seconds']} s = **{b['rows_per_s']} rows/s** "
+        f"(export {b['export_seconds']} s = {b['export_rows_per_s']} rows/s; build and publish "
+        f"{b['build_and_publish_seconds']} s).",
+        "",
+        "| query | c | primary QPS | replica QPS | QPS x | primary p50/p95/p99 ms "
+        "| replica p50/p95/p99 ms | p99 ratio | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label in FILTERS:
+        entry = results[label]
+        for c in map(str, CONCURRENCY):
+            p, r = entry["primary"][c], entry["replica"][c]
+            lines.append(
+                f"| {label} | {c} | {p['qps']:.0f} | {r['qps']:.0f} | {r['qps'] / p['qps']:.1f} "
+                f"| {p['p50_ms']:.1f} / {p['p95_ms']:.1f} / {p['p99_ms']:.1f} "
+                f"| {r['p50_ms']:.2f} / {r['p95_ms']:.2f} / {r['p99_ms']:.2f} "
+                f"| {r['p99_ms'] / p['p99_ms']:.2f} "
+                f"| {p['errors'] + p['non_2xx']} / {r['errors'] + r['non_2xx']} |"
+            )
+    lines += ["", "| query | primary recall@10 | replica recall@10 |", "|---|---|---|"]
+    for label in FILTERS:
+        entry = results[label]
+        lines.append(
+            f"| {label} | {entry['primary']['recall@10']} | {entry['replica']['recall@10']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--data-dir", help="keep the primary's data here between runs")
+    parser.add_argument("--out", default="bench/results")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()

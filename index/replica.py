@@ -129,9 +129,10 @@ class ReplicaIndex:
         k = min(k, candidates)
         if k == 0:
             return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
-        everything = np.arange(self.n, dtype=np.int64)
         if allowed is None:
-            return self._hnsw(queries, k) or self._exact(queries, k, everything)
+            return self._hnsw(queries, k) or self._exact(
+                queries, k, np.arange(self.n, dtype=np.int64)
+            )
         if candidates <= max(exact_max_rows, EXACT_SHARE * self.n):
             return self._exact(queries, k, np.flatnonzero(allowed))
         return self._filtered_hnsw(queries, k, allowed)
@@ -183,9 +184,7 @@ class ReplicaIndex:
         if self._inverse_norms_cache is None:
             norms = np.linalg.norm(np.asarray(self.vectors, dtype=np.float32), axis=1)
             with np.errstate(divide="ignore"):
-                self._inverse_norms_cache = np.where(norms > 0, 1.0 / norms, 0.0).astype(
-                    np.float32
-                )
+                self._inverse_norms_cache = np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
         return self._inverse_norms_cache
 
     @classmethod

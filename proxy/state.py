@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -44,11 +45,17 @@ SOURCE = web.RequestKey("source", str)  # who answered: "primary" or "proxy" (la
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+# Ids this process makes: a random per-process prefix and a counter, unique across restarts
+# and replicas without a syscall per request.
+_PREFIX = os.urandom(4).hex()
+_counter = itertools.count(1)
+
+
 def request_id(request: web.BaseRequest) -> str:
-    """The request's id: the client's X-Request-Id if it is sane, else a new random one."""
+    """The request's id: the client's X-Request-Id if it is sane, else a new one."""
     rid = request.get(REQUEST_ID)
     if rid is None:
         sent = request.headers.get("X-Request-Id", "")
-        rid = sent if _CLIENT_ID.fullmatch(sent) else os.urandom(8).hex()
+        rid = sent if _CLIENT_ID.fullmatch(sent) else f"{_PREFIX}{next(_counter):08x}"
         request[REQUEST_ID] = rid
     return rid

@@ -92,7 +92,8 @@ async def read(request: web.Request) -> web.StreamResponse:
     router, route = request.app[ROUTER], request[ROUTE]
     replica = router.replica_for(route)
     if replica is None:
-        request.app[METRICS].local_fallbacks.labels("no_replica").inc()
+        if route.collection is not None:  # (lists and heartbeats are never local yet)
+            request.app[METRICS].local_fallbacks.labels("no_replica").inc()
         return await forward(request)
     level = router.level(request)
     body = await _read_body(request) if request.body_exists else b""

@@ -17,12 +17,14 @@ from sync.scheduler import RebuildScheduler, SyncSettings
 from . import handlers
 from .config import Config
 from .errors import to_response
+from .guards import Guards
 from .metrics import Metrics
 from .replicas import ReplicaRouter
 from .routes import RouteClass, classify
 from .sample import load_sample
 from .state import (
     CONFIG,
+    GUARDS,
     METRICS,
     ROUTE,
     ROUTER,
@@ -45,6 +47,7 @@ def build_app(config: Config, primary_url: str) -> web.Application:
     app[METRICS] = metrics
     app[STATE] = ProxyState()
     app[UPSTREAM] = upstream = Upstream(primary_url, config, metrics)
+    app[GUARDS] = Guards.from_config(config, metrics)
     app[ROUTER] = ReplicaRouter(
         config,
         lambda router: RebuildScheduler(

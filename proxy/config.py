@@ -135,6 +135,47 @@ class Config:
         "of the collection, pass the filter; otherwise HNSW with over-fetch.",
         4096,
     )
+    cache_max_bytes: int = _key(
+        "Result cache size: total bytes of cached response bodies (0 turns the cache off).",
+        256 * 1024 * 1024,
+    )
+    cache_max_entry_bytes: int = _key("Largest response body the cache stores.", 1024 * 1024)
+    cache_ttl_s: float = _key(
+        "Longest a cached replica answer is kept. Entries are also invalidated by writes "
+        "through the proxy and by replica swaps.",
+        300.0,
+    )
+    forwarded_cache_ttl_s: float = _key(
+        "How long cacheable forwarded reads (collection lists, lookups and counts, tenant and "
+        "database lookups, version, pre-flight) are reused (0 = not cached). Any write through "
+        "the proxy invalidates them.",
+        1.0,
+    )
+    max_concurrent_searches: int = _key(
+        "Local searches running at once (0 = one per CPU core). Cache hits do not count.", 0
+    )
+    search_queue_max: int = _key(
+        "Local searches that may wait for a slot; beyond, requests get 503 at once.", 256
+    )
+    search_queue_timeout_s: float = _key(
+        "Longest a local search waits for a slot before it gets 503.", 1.0
+    )
+    max_forwarded_in_flight: int = _key(
+        "Requests forwarded to the primary at once; beyond, requests get 503 at once.", 256
+    )
+    tenant_rate_per_s: float = _key(
+        "Per-tenant request rate (token bucket); over it, 429. 0 turns it off.", 0.0
+    )
+    tenant_burst: int = _key("Per-tenant burst: requests allowed at once above the rate.", 100)
+    breaker_failures: int = _key(
+        "Consecutive failures to reach the primary that open the circuit breaker.", 5
+    )
+    breaker_open_s: float = _key(
+        "How long an open breaker fails forwarded requests fast (503) before a trial request; "
+        "local reads keep serving meanwhile.",
+        5.0,
+    )
+    retry_after_s: int = _key("Retry-After (seconds) sent with 503s from admission control.", 1)
     log_level: LogLevel = _key("Log level: debug, info, warning or error.", "info")
     access_log: bool = _key("Write one access log line per request (logger proxy.access).", True)
 
@@ -157,8 +198,25 @@ class Config:
             "export_concurrency",
             "build_threads",
             "exact_search_max_rows",
+            "cache_max_entry_bytes",
+            "search_queue_timeout_s",
+            "max_forwarded_in_flight",
+            "tenant_burst",
+            "breaker_failures",
+            "breaker_open_s",
+            "retry_after_s",
         ):
             _check_positive(name, getattr(self, name))
+        for name in (
+            "cache_max_bytes",
+            "cache_ttl_s",
+            "forwarded_cache_ttl_s",
+            "max_concurrent_searches",
+            "search_queue_max",
+            "tenant_rate_per_s",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
         if self.rebuild_debounce_s < 0:
             raise ConfigError("rebuild_debounce_s", self.rebuild_debounce_s, "must be >= 0")
         if self.refresh_interval_s > self.max_staleness_s:
@@ -181,6 +239,10 @@ class Config:
     @property
     def snapshot_path(self) -> Path:
         return Path(self.snapshot_dir) if self.snapshot_dir else Path(self.data_dir) / "snapshots"
+
+    @property
+    def search_slots(self) -> int:
+        return self.max_concurrent_searches or os.cpu_count() or 2
 
     @property
     def host(self) -> str:

@@ -27,11 +27,16 @@ class WriteTracker:
     _in_flight: dict[str, int] = field(default_factory=dict)
     # Bumped by writes that touch every collection (reset, database deletion).
     _global: int = 0
+    # Every write settled, to any collection or none (create database, create collection...).
+    total: int = 0
 
     def begin(self, collection_id: str) -> None:
         self._in_flight[collection_id] = self._in_flight.get(collection_id, 0) + 1
 
-    def end(self, collection_id: str) -> None:
+    def end(self, collection_id: str | None) -> None:
+        self.total += 1
+        if collection_id is None:
+            return
         left = self._in_flight.get(collection_id, 1) - 1
         if left:
             self._in_flight[collection_id] = left

@@ -4,6 +4,9 @@
      ├── UpstreamError                 502  the primary could not be used
      │    ├── UpstreamUnavailable      502  connection refused / reset / closed
      │    └── UpstreamTimeout          504  connect or read timed out (also an asyncio.TimeoutError)
+     │    └── UpstreamCircuitOpen      503  the primary failed repeatedly; not tried for a while
+     ├── Overloaded                    503  shed by admission control (with Retry-After)
+     ├── RateLimited                   429  over the tenant's request rate (with Retry-After)
      ├── RequestTooLarge               413  body over max_body_bytes
      └── BadRequest                    400  a proxy-specific header is invalid
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import orjson
 from aiohttp import web
@@ -45,6 +49,29 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError, asyncio.TimeoutError):
     status = 504
+
+
+class _RetryLater(ProxyError):
+    def __init__(self, message: str, retry_after_s: float, reason: str = "") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class UpstreamCircuitOpen(_RetryLater, UpstreamError):
+    status = 503
+
+
+class Overloaded(_RetryLater):
+    status = 503
+
+
+class RateLimited(_RetryLater):
+    status = 429
+    error_name = "RateLimitError"  # the Python client raises chromadb.errors.RateLimitError
 
 
 class RequestTooLarge(ProxyError):

@@ -11,6 +11,7 @@ searches release the GIL.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ import orjson
 from index.errors import NotLocal
 from index.filters import Filter, parse_where, parse_where_document
 from index.replica import ReplicaIndex, Rows
+
+from .cache import canonical_digest
 
 INCLUDE_VALUES = frozenset({"distances", "documents", "embeddings", "metadatas", "uris"})
 GET_DEFAULT_INCLUDE = ["documents", "metadatas"]
@@ -88,8 +91,51 @@ def _columns(replica: ReplicaIndex, rows: Rows, include: list[str]) -> dict[str,
     }
 
 
-def answer_get(replica: ReplicaIndex, raw: bytes) -> bytes:
-    body = _body(raw, _GET_KEYS)
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A read parsed once on the event loop: what to compute, and its cache digest."""
+
+    op: str
+    body: dict[str, Any] | None
+    digest: bytes
+    may_hold_bools: bool = False
+    tenant: str | None = None
+    database: str | None = None
+
+
+def prepare(
+    op: str, raw: bytes, query: Mapping[str, str], tenant: str | None, database: str | None
+) -> Prepared:
+    """Parse a local-read candidate; NotLocal if it is not one the replica answers."""
+    if op in ("query", "get"):
+        body = _body(raw, _QUERY_KEYS if op == "query" else _GET_KEYS)
+        bools = op == "query" and (b"true" in raw or b"false" in raw)
+        return Prepared(op, body, canonical_digest(body), bools)
+    if op == "count":
+        _check_count_query(query)
+        return Prepared(op, None, b"")
+    if op in ("get_collection", "get_collection_by_id"):
+        # The answer depends on the tenant and database in the path (a collection looked up
+        # in another database is a 404), so they are part of the cache key.
+        digest = canonical_digest([tenant, database])
+        return Prepared(op, None, digest, tenant=tenant, database=database)
+    raise NotLocal(f"{op} is not answered locally")
+
+
+def answer(replica: ReplicaIndex, prepared: Prepared, exact_max_rows: int) -> bytes:
+    """Compute a prepared read on a replica (pure; runs in a worker thread)."""
+    if prepared.op == "query":
+        assert prepared.body is not None
+        return answer_query(replica, prepared.body, prepared.may_hold_bools, exact_max_rows)
+    if prepared.op == "get":
+        assert prepared.body is not None
+        return answer_get(replica, prepared.body)
+    if prepared.op == "count":
+        return str(replica.n).encode()
+    return answer_collection(replica, prepared.tenant, prepared.database)
+
+
+def answer_get(replica: ReplicaIndex, body: dict[str, Any]) -> bytes:
     include = _include(body, GET_DEFAULT_INCLUDE)
     limit = _count(body.get("limit"), "limit")
     offset = _count(body.get("offset"), "offset") or 0
@@ -105,15 +151,14 @@ def answer_get(replica: ReplicaIndex, raw: bytes) -> bytes:
     return orjson.dumps(out, option=_DUMPS)
 
 
-def answer_query(replica: ReplicaIndex, raw: bytes, exact_max_rows: int) -> bytes:
-    body = _body(raw, _QUERY_KEYS)
+def answer_query(
+    replica: ReplicaIndex, body: dict[str, Any], may_hold_bools: bool, exact_max_rows: int
+) -> bytes:
     include = _include(body, QUERY_DEFAULT_INCLUDE)
     k = _count(body.get("n_results"), "n_results")
     if k is None:
         raise NotLocal("n_results missing")
-    queries = _query_vectors(
-        body.get("query_embeddings"), replica, b"true" in raw or b"false" in raw
-    )
+    queries = _query_vectors(body.get("query_embeddings"), replica, may_hold_bools)
     allowed = replica.mask(_ids(body.get("ids")), _filters(body))
     results = replica.search(queries, k, allowed, exact_max_rows)
     per_query = [_columns(replica, rows, include) for rows, _ in results]
@@ -153,10 +198,9 @@ def _query_vectors(
 _READ_LEVELS = frozenset({"index_and_wal", "index_only"})
 
 
-def answer_count(replica: ReplicaIndex, query: Mapping[str, str]) -> bytes:
+def _check_count_query(query: Mapping[str, str]) -> None:
     if set(query) - {"read_level"} or query.get("read_level", "index_and_wal") not in _READ_LEVELS:
         raise NotLocal("unknown query parameter")
-    return str(replica.n).encode()
 
 
 def answer_collection(replica: ReplicaIndex, tenant: str | None, database: str | None) -> bytes:

@@ -66,6 +66,38 @@ class Metrics:
             "replica_proxy_replicas", "Collections served from a local replica.", registry=r
         )
 
+        self.breaker_state = Gauge(
+            "replica_proxy_breaker_state",
+            "Circuit breaker towards the primary: 0 closed, 1 open, 2 half-open.",
+            registry=r,
+        )
+        self.breaker_trips = Counter(
+            "replica_proxy_breaker_trips_total", "Times the circuit breaker opened.", registry=r
+        )
+        self.cache = Counter(
+            "replica_proxy_cache_requests_total",
+            "Cacheable reads, by result: hit, miss (computed) or coalesced (waited for an "
+            "identical computation).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "replica_proxy_cache_bytes", "Bytes of response bodies in the cache.", registry=r
+        )
+        self.cache_entries = Gauge(
+            "replica_proxy_cache_entries", "Entries in the cache.", registry=r
+        )
+        self.admission = Counter(
+            "replica_proxy_admission_total",
+            "Admission decisions: admitted, queued, or shed by reason (queue_full, "
+            "queue_timeout, forward_limit, rate_limited, breaker).",
+            ["decision"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "replica_proxy_search_queue_depth", "Local searches waiting for a slot.", registry=r
+        )
+
     def on_build(self, result: str, seconds: float, rows: int) -> None:
         self.rebuilds.labels(result).inc()
         if result == "ok":

@@ -130,9 +130,9 @@ class ReplicaRouter:
 
     def end_write(self, token: WriteToken) -> None:
         """After the primary answered (or failed): the write may have been applied."""
+        self.tracker.end(token.collection_id)
         if token.collection_id is None:
             return
-        self.tracker.end(token.collection_id)
         if token.route.op != "delete_collection":
             self.scheduler.notify_write(token.collection_id)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .config import Config
+from .guards import Guards
 from .metrics import Metrics
 from .replicas import ReplicaRouter
 from .routes import Route
@@ -27,8 +28,11 @@ class ProxyState:
         if self.draining:
             return "draining"
         if not self.primary_up:
-            return "primary not answering heartbeats"
+            return PRIMARY_DOWN
         return None
+
+
+PRIMARY_DOWN = "primary not answering heartbeats"
 
 
 CONFIG = web.AppKey("config", Config)
@@ -36,6 +40,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 UPSTREAM = web.AppKey("upstream", Upstream)
 ROUTER = web.AppKey("router", ReplicaRouter)
+GUARDS = web.AppKey("guards", Guards)
 
 # Per-request values (request[KEY]).
 ROUTE = web.RequestKey("route", Route)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config
-from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .errors import UpstreamCircuitOpen, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,60 @@ def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return end_to_end(headers, _RESPONSE_DROP)
 
 
+class Breaker:
+    """Circuit breaker: after ``failures`` consecutive failures to reach the primary, fail fast
+    for ``open_s``; then let one trial request through (half-open): success closes it, failure
+    opens it again. Only transport failures count: an error status means the primary is up."""
+
+    CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+
+    def __init__(self, failures: int, open_s: float, metrics: Metrics) -> None:
+        self.failures, self.open_s = failures, open_s
+        self.state = self.CLOSED
+        self._consecutive = 0
+        self._until = 0.0
+        self._trial_started: float | None = None
+        self._metrics = metrics
+
+    def check(self) -> None:
+        """Raise UpstreamCircuitOpen unless a request may go to the primary now."""
+        if self.state == self.CLOSED:
+            return
+        now = time.monotonic()
+        if self.state == self.OPEN and now >= self._until:
+            self._set(self.HALF_OPEN)
+        if self.state == self.HALF_OPEN and (
+            self._trial_started is None or now - self._trial_started > self.open_s
+        ):
+            self._trial_started = now  # this request is the trial
+            return
+        retry = max(self._until - now, 1.0)
+        raise UpstreamCircuitOpen("primary failing; not tried for a while", retry, "breaker")
+
+    def success(self) -> None:
+        self._consecutive = 0
+        self._trial_started = None
+        if self.state != self.CLOSED:
+            log.info("primary answers again: circuit closed")
+            self._set(self.CLOSED)
+
+    def failure(self) -> None:
+        self._consecutive += 1
+        self._trial_started = None
+        if self.state == self.HALF_OPEN or (
+            self.state == self.CLOSED and self._consecutive >= self.failures
+        ):
+            self._until = time.monotonic() + self.open_s
+            if self.state == self.CLOSED:
+                log.warning("primary failed %d times in a row: circuit open", self._consecutive)
+                self._metrics.breaker_trips.inc()
+            self._set(self.OPEN)
+
+    def _set(self, state: int) -> None:
+        self.state = state
+        self._metrics.breaker_state.set(state)
+
+
 class Upstream:
     """Pooled HTTP client for the primary at ``base_url``. Use as an async context manager."""
 
@@ -79,6 +134,7 @@ class Upstream:
         self._config = config
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+        self.breaker = Breaker(config.breaker_failures, config.breaker_open_s, metrics)
 
     async def __aenter__(self) -> Upstream:
         timeout = aiohttp.ClientTimeout(
@@ -115,27 +171,35 @@ class Upstream:
         path_qs: str,
         headers: Mapping[str, str],
         body: AsyncIterable[bytes] | bytes | None = None,
+        probe: bool = False,
     ) -> aiohttp.ClientResponse:
         """Send one request and return the response with its body unread.
 
         The caller must ``release()`` the response. A request without a body is retried once on
         a connection the primary had already closed (a stale pooled keep-alive connection);
-        requests with a body are never retried, since it has been consumed.
+        requests with a body are never retried, since it has been consumed. ``probe`` requests
+        (heartbeats) go out even while the circuit is open: they are how it learns to close.
         """
         # encoded=True: send the path and query exactly as the client sent them.
         url = URL(self.base_url + path_qs, encoded=True)
+        if not probe:
+            self.breaker.check()
         attempts = 2 if body is None else 1
         for attempt in range(attempts):
             try:
-                return await self.session.request(
+                resp = await self.session.request(
                     method, url, headers=headers, data=body, allow_redirects=False
                 )
             except aiohttp.ServerDisconnectedError as exc:
                 if attempt + 1 < attempts:
                     continue
-                raise self._translate(exc) from exc
+                self.breaker.failure()
+                raise self.translate(exc) from exc
             except _FAILURES as exc:
-                raise self._translate(exc) from exc
+                self.breaker.failure()
+                raise self.translate(exc) from exc
+            self.breaker.success()
+            return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def iter_body(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -144,10 +208,15 @@ class Upstream:
             async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
                 yield chunk
         except _FAILURES as exc:
-            raise self._translate(exc) from exc
+            raise self.translate(exc) from exc
 
     async def call_raw(
-        self, method: str, path: str, payload: Any = None, timeout_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        timeout_s: float | None = None,
+        probe: bool = False,
     ) -> tuple[int, bytes]:
         """One exchange for the proxy's own use (exports, sample data, heartbeats): JSON out,
         status and raw body back."""
@@ -156,7 +225,7 @@ class Upstream:
         headers = {"Content-Type": "application/json"}
         try:
             async with asyncio.timeout(timeout_s):
-                resp = await self.send(method, path, headers, body)
+                resp = await self.send(method, path, headers, body, probe)
                 try:
                     raw = await resp.read()
                 finally:
@@ -164,26 +233,31 @@ class Upstream:
         except UpstreamError:
             raise
         except _FAILURES as exc:
-            raise self._translate(exc) from exc
+            raise self.translate(exc) from exc
         return resp.status, raw
 
     async def call_json(
-        self, method: str, path: str, payload: Any = None, timeout_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        timeout_s: float | None = None,
+        probe: bool = False,
     ) -> tuple[int, Any]:
-        status, raw = await self.call_raw(method, path, payload, timeout_s)
+        status, raw = await self.call_raw(method, path, payload, timeout_s, probe)
         return status, (orjson.loads(raw) if raw else None)
 
     async def heartbeat(self) -> bool:
         """True if the primary answered its heartbeat with 200."""
         try:
             status, _ = await self.call_json(
-                "GET", "/api/v2/heartbeat", timeout_s=self._config.connect_timeout_s
+                "GET", "/api/v2/heartbeat", timeout_s=self._config.connect_timeout_s, probe=True
             )
         except (UpstreamError, orjson.JSONDecodeError):
             return False
         return status == 200
 
-    def _translate(self, exc: BaseException) -> UpstreamError:
+    def translate(self, exc: BaseException) -> UpstreamError:
         err: UpstreamError
         if isinstance(exc, asyncio.TimeoutError):
             reason, err = "timeout", UpstreamTimeout(f"primary {self.base_url} timed out")

@@ -22,6 +22,7 @@ import pytest
 from tests.helpers import ChromaServer, ProxyProcess, wait_until
 
 D = "/api/v2/tenants/default_tenant/databases/default_database"
+LOCAL = ("replica", "cache")  # answered by the proxy from a replica, or from its result cache
 ROWS, DIM = 2000, 24
 TOPICS = ["alpha", "beta", "gamma", "delta", "omega"]
 
@@ -54,7 +55,12 @@ def load(
         # inner products are far from the query, HNSW (which assumes a metric) is approximate
         # on the primary itself, and an exact replica would "disagree" by being right.
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    body = {"name": name, "configuration": {"hnsw": {"space": space}}}
+    # ef 200: two independently built HNSW graphs agree only where both are (near) exact.
+    # Chroma builds with several threads, so its graph differs run to run; at ef 100 its own
+    # filtered searches occasionally miss a neighbour the replica finds (about one query in
+    # a few hundred here), which would make the comparison flaky rather than wrong.
+    hnsw = {"space": space, "ef_construction": 200, "ef_search": 200}
+    body = {"name": name, "configuration": {"hnsw": hnsw}}
     cid: str = client.post(f"{base}{D}/collections", json=body).json()["id"]
     for start in range(0, ROWS, 500):
         rows = range(start, start + 500)
@@ -102,7 +108,7 @@ def replica_proxy(
 
 def _served_locally(client: httpx.Client, base: str, cid: str) -> bool:
     resp = client.get(f"{base}{D}/collections/{cid}/count")
-    return bool(resp.headers.get("X-Proxy-Source") == "replica")
+    return resp.headers.get("X-Proxy-Source") in LOCAL
 
 
 def assert_same_query(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -179,8 +185,8 @@ def test_query_parity(
     want = httpx.post(chroma.url + path, json=body, timeout=60)
     got = httpx.post(replica_proxy.url + path, json=body, timeout=60)
     assert want.status_code == got.status_code == 200
-    expected_source = "primary" if (where, where_document) in FORWARDED else "replica"
-    assert got.headers["X-Proxy-Source"] == expected_source
+    expected = ("primary",) if (where, where_document) in FORWARDED else LOCAL
+    assert got.headers["X-Proxy-Source"] in expected
     assert_same_query(got.json(), want.json())
 
 
@@ -213,7 +219,7 @@ def test_get_parity(
     want = httpx.post(chroma.url + path, json=body, timeout=60)
     got = httpx.post(replica_proxy.url + path, json=body, timeout=60)
     assert want.status_code == got.status_code == 200
-    assert got.headers["X-Proxy-Source"] == "replica"
+    assert got.headers["X-Proxy-Source"] in LOCAL
     assert got.json() == want.json()
     assert list(got.json()) == list(want.json())
 
@@ -232,7 +238,7 @@ def test_lookups_and_count(
         ):
             want, got = client.get(chroma.url + path), client.get(replica_proxy.url + path)
             assert got.status_code == want.status_code == 200
-            assert got.headers["X-Proxy-Source"] == "replica", path
+            assert got.headers["X-Proxy-Source"] in LOCAL, path
             assert got.json() == want.json()
             assert float(got.headers["X-Proxy-Replica-Age"]) >= 0
         # The same collection asked for under another database is not answered locally.
@@ -311,10 +317,10 @@ def test_consistency_header(
     cid, _ = collections["l2"]
     url = f"{replica_proxy.url}{D}/collections/{cid}/count"
     with httpx.Client(timeout=60) as client:
-        for level, source in (("strong", "primary"), ("eventual", "replica"),
-                              ("bounded", "replica"), ("SESSION", "replica")):  # fmt: skip
+        for level, sources in (("strong", ("primary",)), ("eventual", LOCAL),
+                               ("bounded", LOCAL), ("SESSION", LOCAL)):  # fmt: skip
             resp = client.get(url, headers={"X-Proxy-Consistency": level})
-            assert resp.status_code == 200 and resp.headers["X-Proxy-Source"] == source, level
+            assert resp.status_code == 200 and resp.headers["X-Proxy-Source"] in sources, level
         resp = client.get(url, headers={"X-Proxy-Consistency": "linearizable"})
         assert resp.status_code == 400
         assert resp.json()["error"] == "InvalidArgumentError"
@@ -333,10 +339,12 @@ def test_replica_serves_when_primary_is_down(tmp_path: Path) -> None:
             body = _query_body(vectors, {"cat": "c2"}, None)
             before = client.post(f"{proxy.url}{c}/query", json=body).json()
             own.stop()
-            wait_until(lambda: client.get(proxy.url + "/readyz").status_code == 503, 30, "down")
+            # Degraded, not unready: the replica still serves reads.
+            wait_until(lambda: client.get(proxy.url + "/readyz").json()["status"] == "degraded",
+                       30, "degraded")  # fmt: skip
             resp = client.post(f"{proxy.url}{c}/query", json=body)
             assert resp.status_code == 200
-            assert resp.headers["X-Proxy-Source"] == "replica"
+            assert resp.headers["X-Proxy-Source"] in LOCAL
             assert resp.headers["X-Proxy-Stale"] == "true"
             assert resp.json() == before
             write = client.post(

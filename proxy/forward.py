@@ -1,0 +1,151 @@
+"""Forwarding to the primary: bodies streamed both ways, status and headers passed through.
+
+The only module that sends client requests on; proxy/upstream.py owns the connection pool.
+Forwarded requests are capped in number (InFlightLimit) so a slow primary cannot pile up
+unbounded work in the proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .errors import RequestTooLarge, UpstreamError
+from .state import CONFIG, GUARDS, METRICS, SOURCE, UPSTREAM, request_id
+from .upstream import CHUNK_BYTES, request_headers, response_headers
+
+log = logging.getLogger(__name__)
+
+
+class LimitedBody:
+    """The request body as a stream, refused once it passes ``limit`` bytes.
+
+    A body with a Content-Length over the limit is refused before anything is sent; a chunked
+    body is counted as it streams (``error`` then tells why the upload broke off).
+    """
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestTooLarge(_too_large(request.content_length, limit))
+        self._request = request
+        self._limit = limit
+        self.error: RequestTooLarge | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._request.content.iter_chunked(CHUNK_BYTES):
+            seen += len(chunk)
+            if seen > self._limit:
+                self.error = RequestTooLarge(_too_large(seen, self._limit))
+                raise self.error
+            yield chunk
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"request body of {size} bytes or more exceeds max_body_bytes={limit}"
+
+
+def _upstream_headers(request: web.Request) -> CIMultiDict[str]:
+    headers = request_headers(request.headers)
+    # Tell the primary who the client is and which request this is, for its logs.
+    if request.remote:
+        prior = headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {request.remote}" if prior else request.remote
+    headers.setdefault("X-Forwarded-Proto", request.scheme)
+    headers["X-Request-Id"] = request_id(request)
+    return headers
+
+
+async def read_body(request: web.Request) -> bytes:
+    limit = request.app[CONFIG].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(_too_large(request.content_length, limit))
+    return await request.read()
+
+
+async def forward(request: web.Request, body_bytes: bytes | None = None) -> web.StreamResponse:
+    """Pass the request to the primary and stream its answer back unchanged. ``body_bytes``
+    is the body when a handler already read it (to try a local answer first)."""
+    body: LimitedBody | bytes | None
+    if body_bytes is not None:
+        body = body_bytes if body_bytes or request.body_exists else None
+    else:
+        limit = request.app[CONFIG].max_body_bytes
+        body = LimitedBody(request, limit) if request.body_exists else None
+    _enter(request)
+    try:
+        resp = await _send(request, body)
+        try:
+            return await _stream_back(request, resp)
+        finally:
+            resp.release()
+    finally:
+        request.app[GUARDS].forward_limit.exit()
+
+
+def _enter(request: web.Request) -> None:
+    try:
+        request.app[GUARDS].forward_limit.enter()
+    except Exception:
+        request.app[METRICS].admission.labels("forward_limit").inc()
+        raise
+
+
+async def _send(request: web.Request, body: LimitedBody | bytes | None) -> aiohttp.ClientResponse:
+    try:
+        resp = await request.app[UPSTREAM].send(
+            request.method, request.raw_path, _upstream_headers(request), body
+        )
+    except UpstreamError as exc:
+        if isinstance(body, LimitedBody) and body.error is not None:
+            raise body.error from None
+        if getattr(exc, "reason", "") == "breaker":
+            request.app[METRICS].admission.labels("breaker").inc()
+        raise
+    request[SOURCE] = "primary"
+    return resp
+
+
+async def _stream_back(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    upstream = request.app[UPSTREAM]
+    out = web.StreamResponse(
+        status=resp.status, reason=resp.reason, headers=response_headers(resp.headers)
+    )
+    if resp.content_length is not None:
+        out.content_length = resp.content_length
+    await out.prepare(request)
+    try:
+        async for chunk in upstream.iter_body(resp):
+            await out.write(chunk)
+    except UpstreamError as exc:
+        # Headers are gone already; the only honest signal left is to cut the connection so
+        # the client sees a broken response rather than a short one.
+        log.warning("primary failed mid-response, aborting %s: %s", request_id(request), exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return out
+    await out.write_eof()
+    return out
+
+
+async def forward_buffered(request: web.Request) -> tuple[web.Response, bytes | None]:
+    """Forward a small bodiless read and return its response whole (for the forwarded
+    cache); the body is None when it was too large to keep."""
+    _enter(request)
+    try:
+        resp = await _send(request, None)
+        try:
+            body = await resp.read()
+        except aiohttp.ClientError as exc:
+            raise request.app[UPSTREAM].translate(exc) from exc
+        finally:
+            resp.release()
+    finally:
+        request.app[GUARDS].forward_limit.exit()
+    out = web.Response(status=resp.status, reason=resp.reason, body=body,
+                       headers=response_headers(resp.headers))  # fmt: skip
+    return out, body

@@ -1,0 +1,46 @@
+"""Guards: the read path's shared state (caches, coalescing, admission control), built once
+from the config and kept on the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .admission import InFlightLimit, SearchGate, TokenBuckets
+from .cache import ResultCache, SingleFlight
+from .config import Config
+from .metrics import Metrics
+
+
+@dataclass(slots=True)
+class Guards:
+    """The read path's shared state: caches, coalescing and admission control."""
+
+    cache: ResultCache | None
+    forwarded: ResultCache | None
+    flights: SingleFlight[bytes]
+    gate: SearchGate
+    buckets: TokenBuckets
+    forward_limit: InFlightLimit
+    metrics: Metrics = field(repr=False)
+
+    @classmethod
+    def from_config(cls, config: Config, metrics: Metrics) -> Guards:
+        def cache(ttl_s: float) -> ResultCache | None:
+            if config.cache_max_bytes == 0 or ttl_s == 0:
+                return None
+            return ResultCache(config.cache_max_bytes, config.cache_max_entry_bytes, ttl_s)
+
+        return cls(
+            cache=cache(config.cache_ttl_s),
+            forwarded=cache(config.forwarded_cache_ttl_s),
+            flights=SingleFlight(),
+            gate=SearchGate(
+                config.search_slots,
+                config.search_queue_max,
+                config.search_queue_timeout_s,
+                config.retry_after_s,
+            ),
+            buckets=TokenBuckets(config.tenant_rate_per_s, config.tenant_burst),
+            forward_limit=InFlightLimit(config.max_forwarded_in_flight, config.retry_after_s),
+            metrics=metrics,
+        )

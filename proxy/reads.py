@@ -1,0 +1,166 @@
+"""The read path: consistency gate -> cache -> single flight -> admission -> replica.
+
+read(request)
+  replica?     no  -> forwarded (cacheable lookups through the short-TTL forwarded cache)
+  gate allows? no  -> forwarded; if the primary is unreachable, the replica anyway (stale)
+  parse        not exactly answerable -> forwarded
+  cache hit        -> answered (no admission: a hit costs almost nothing)
+  identical request already computing -> wait for it (coalesced)
+  search slot      -> compute in a worker thread, store, answer; or 503 when overloaded
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+
+from aiohttp import web
+
+from index.errors import NotLocal
+from index.replica import ReplicaIndex
+
+from . import local
+from .cache import Cached
+from .consistency import Level
+from .errors import Overloaded, UpstreamError
+from .forward import forward, forward_buffered, read_body
+from .guards import Guards
+from .routes import Route
+from .state import CONFIG, GUARDS, METRICS, ROUTE, ROUTER, SOURCE, STATE, UPSTREAM
+from .upstream import Breaker
+
+log = logging.getLogger(__name__)
+
+# Forwarded reads whose answers can be reused for forwarded_cache_ttl_s.
+FORWARDED_CACHEABLE = frozenset(
+    {
+        "list_collections",
+        "count_collections",
+        "get_collection",
+        "get_collection_by_id",
+        "get_tenant",
+        "list_databases",
+        "get_database",
+        "version",
+        "pre_flight_checks",
+    }
+)
+# Headers that could make the primary answer differently (auth, once a primary enforces it).
+_KEYED_HEADERS = ("Authorization", "X-Chroma-Token")
+
+
+async def read(request: web.Request) -> web.StreamResponse:
+    router, route = request.app[ROUTER], request[ROUTE]
+    metrics = request.app[METRICS]
+    replica = router.replica_for(route)
+    if replica is None:
+        if route.collection is not None:
+            metrics.local_fallbacks.labels("no_replica").inc()
+        return await forwarded_read(request)
+    level = router.level(request)
+    raw = await read_body(request) if request.body_exists else b""
+    primary_unreachable = (
+        not request.app[STATE].primary_up or request.app[UPSTREAM].breaker.state != Breaker.CLOSED
+    )
+    stale = primary_unreachable  # nobody can tell how current the replica is: say so
+    if not router.fresh_enough(replica, level):
+        metrics.local_fallbacks.labels("consistency").inc()
+        if level is Level.STRONG or not primary_unreachable:
+            try:
+                return await forward(request, raw)
+            except UpstreamError:
+                if level is Level.STRONG:
+                    raise
+        stale = True  # the primary cannot be reached: an old answer beats no answer
+    try:
+        prepared = local.prepare(route.op, raw, request.rel_url.query, route.tenant, route.database)
+        body, source = await _answer(request, replica, prepared)
+    except NotLocal as exc:
+        log.debug("forwarding %s: %s", route.op, exc)
+        metrics.local_fallbacks.labels("not_local").inc()
+        return await forward(request, raw)
+    request[SOURCE] = source
+    headers = {
+        "X-Proxy-Replica-Age": f"{replica.age_s():.3f}",
+        "X-Proxy-Replica-Generation": str(replica.generation),
+    }
+    if stale:
+        headers["X-Proxy-Stale"] = "true"
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def _answer(
+    request: web.Request, replica: ReplicaIndex, prepared: local.Prepared
+) -> tuple[bytes, str]:
+    """The answer bytes and where they came from ("cache" or "replica")."""
+    guards, router = request.app[GUARDS], request.app[ROUTER]
+    key = (
+        replica.collection_id,
+        replica.generation,
+        router.tracker.seq(replica.collection_id),
+        prepared.op,
+        prepared.digest,
+    )
+    cache = guards.cache
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            guards.metrics.cache.labels("hit").inc()
+            return hit.body, "cache"
+
+    async def compute() -> bytes:
+        queued = await _admit(guards)
+        try:
+            config = request.app[CONFIG]
+            return await router.run(local.answer, replica, prepared, config.exact_search_max_rows)
+        finally:
+            guards.gate.release()
+            guards.metrics.queue_depth.set(guards.gate.queued)
+            if queued:
+                guards.metrics.admission.labels("queued").inc()
+
+    body, coalesced = await guards.flights.run(key, compute)
+    guards.metrics.cache.labels("coalesced" if coalesced else "miss").inc()
+    if cache is not None and not coalesced:
+        cache.put(key, Cached(200, body))
+    return body, "replica"
+
+
+async def _admit(guards: Guards) -> bool:
+    try:
+        guards.metrics.queue_depth.set(guards.gate.queued + 1)
+        queued = await guards.gate.acquire()
+    except Overloaded as exc:
+        guards.metrics.admission.labels(exc.reason).inc()
+        raise
+    finally:
+        guards.metrics.queue_depth.set(guards.gate.queued)
+    guards.metrics.admission.labels("admitted").inc()
+    return queued
+
+
+async def forwarded_read(request: web.Request) -> web.StreamResponse:
+    """Forward a read; cacheable lookups are reused for forwarded_cache_ttl_s."""
+    guards, route = request.app[GUARDS], request[ROUTE]
+    cache = guards.forwarded
+    if cache is None or route.op not in FORWARDED_CACHEABLE or request.method != "GET":
+        return await forward(request)
+    key = _forwarded_key(request, route)
+    hit = cache.get(key)
+    if hit is not None:
+        guards.metrics.cache.labels("hit").inc()
+        request[SOURCE] = "cache"
+        return web.Response(status=hit.status, body=hit.body, content_type=hit.content_type)
+    guards.metrics.cache.labels("miss").inc()
+    resp, body = await forward_buffered(request)
+    if resp.status == 200 and body is not None:
+        cache.put(key, Cached(200, body, resp.content_type))
+    return resp
+
+
+def _forwarded_key(request: web.Request, route: Route) -> Hashable:
+    # Any write through the proxy (to any collection or database) makes older entries
+    # unreachable: a create or delete changes lists and lookups everywhere.
+    writes = request.app[ROUTER].tracker.total
+    auth = tuple(request.headers.get(h, "") for h in _KEYED_HEADERS)
+    return ("forwarded", writes, request.raw_path, auth)

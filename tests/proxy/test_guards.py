@@ -1,0 +1,154 @@
+"""Cache, single flight, admission and the breaker, without network (decisions, not timings)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.admission import InFlightLimit, SearchGate, TokenBuckets
+from proxy.cache import Cached, ResultCache, SingleFlight, canonical_digest
+from proxy.errors import Overloaded, RateLimited, UpstreamCircuitOpen
+from proxy.metrics import Metrics
+from proxy.upstream import Breaker
+
+
+def test_canonical_digest_ignores_key_order_not_values() -> None:
+    a = {"n_results": 3, "query_embeddings": [[1.0, 2.0]], "include": ["a", "b"]}
+    b = {"include": ["a", "b"], "query_embeddings": [[1.0, 2.0]], "n_results": 3}
+    assert canonical_digest(a) == canonical_digest(b)
+    assert canonical_digest(a) != canonical_digest({**a, "include": ["b", "a"]})
+    assert canonical_digest(a) != canonical_digest({**a, "query_embeddings": [[1.0, 2.5]]})
+
+
+def test_cache_is_bounded_in_bytes_and_caps_entries() -> None:
+    cache = ResultCache(max_bytes=1000, max_entry_bytes=300, ttl_s=60)
+    assert not cache.put("big", Cached(200, b"x" * 301))
+    assert cache.get("big") is None
+    for i in range(20):
+        assert cache.put(i, Cached(200, b"y" * 100))
+        assert cache.bytes_used <= 1000
+    assert len(cache) == 10
+    assert cache.get(0) is None and cache.get(19) is not None  # least recently used went
+
+
+def test_cache_returns_the_same_bytes() -> None:
+    cache = ResultCache(max_bytes=1000, max_entry_bytes=1000, ttl_s=60)
+    body = b'{"ids":[["a"]]}'
+    cache.put(("c", 1, 0, "query", b"k"), Cached(200, body))
+    hit = cache.get(("c", 1, 0, "query", b"k"))
+    assert hit is not None and hit.body is body
+    # A new generation or write counter is a different key: the old entry is unreachable.
+    assert cache.get(("c", 2, 0, "query", b"k")) is None
+    assert cache.get(("c", 1, 1, "query", b"k")) is None
+
+
+async def test_single_flight_runs_identical_work_once() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+    runs = 0
+
+    async def compute() -> int:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        return 42
+
+    tasks = [asyncio.create_task(flights.run("k", compute)) for _ in range(10)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*tasks)
+    assert runs == 1
+    assert [r for r, _ in results] == [42] * 10
+    assert sum(coalesced for _, coalesced in results) == 9
+
+
+async def test_single_flight_shares_errors_and_forgets_them() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+
+    async def boom() -> int:
+        await asyncio.sleep(0)
+        raise ValueError("nope")
+
+    results = await asyncio.gather(
+        *(flights.run("k", boom) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, ValueError) for r in results)
+
+    async def fine() -> int:
+        return 1
+
+    assert await flights.run("k", fine) == (1, False)
+
+
+async def test_gate_sheds_when_slots_and_queue_are_full() -> None:
+    gate = SearchGate(slots=2, queue_max=1, timeout_s=30, retry_after_s=3)
+    assert await gate.acquire() is False
+    assert await gate.acquire() is False
+    waiter = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0)
+    assert gate.queued == 1
+    with pytest.raises(Overloaded) as info:
+        await gate.acquire()  # slots busy, queue full: refused at once
+    assert info.value.reason == "queue_full"
+    assert info.value.headers() == {"Retry-After": "3"}
+    gate.release()  # the slot goes straight to the queued request
+    assert await waiter is True
+    assert gate.busy == 2 and gate.queued == 0
+
+
+async def test_gate_deadline() -> None:
+    gate = SearchGate(slots=1, queue_max=5, timeout_s=0.01, retry_after_s=1)
+    await gate.acquire()
+    with pytest.raises(Overloaded) as info:
+        await gate.acquire()
+    assert info.value.reason == "queue_timeout"
+    assert gate.queued == 0
+    gate.release()
+    assert gate.busy == 0
+
+
+def test_token_buckets() -> None:
+    buckets = TokenBuckets(rate_per_s=2, burst=3)
+    for _ in range(3):
+        buckets.take("t1", now=100.0)
+    with pytest.raises(RateLimited) as info:
+        buckets.take("t1", now=100.0)
+    assert info.value.status == 429 and info.value.error_name == "RateLimitError"
+    buckets.take("t2", now=100.0)  # other tenants are unaffected
+    buckets.take("t1", now=100.5)  # one token back after half a second at 2/s
+    TokenBuckets(rate_per_s=0, burst=0).take("anyone")  # off
+
+
+def test_in_flight_limit() -> None:
+    limit = InFlightLimit(limit=1, retry_after_s=1)
+    limit.enter()
+    with pytest.raises(Overloaded):
+        limit.enter()
+    limit.exit()
+    limit.enter()
+
+
+def test_breaker_opens_half_opens_and_closes() -> None:
+    breaker = Breaker(failures=3, open_s=0.0, metrics=Metrics())
+    for _ in range(2):
+        breaker.check()
+        breaker.failure()
+    assert breaker.state == Breaker.CLOSED
+    breaker.failure()
+    assert breaker.state == Breaker.OPEN
+    breaker.check()  # open_s elapsed (0): one trial request goes through
+    assert breaker.state == Breaker.HALF_OPEN
+    breaker.failure()  # the trial failed: open again
+    assert breaker.state == Breaker.OPEN
+    breaker.check()
+    breaker.success()
+    assert breaker.state == Breaker.CLOSED
+
+
+def test_open_breaker_fails_fast() -> None:
+    breaker = Breaker(failures=1, open_s=60.0, metrics=Metrics())
+    breaker.failure()
+    with pytest.raises(UpstreamCircuitOpen) as info:
+        breaker.check()
+    assert info.value.status == 503 and "Retry-After" in info.value.headers()

@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint docs venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest $(ARGS)
+
+# Regenerate the README's configuration table from the code.
+docs: $(STAMP)
+	$(BIN)/replica-proxy config-docs --update README.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

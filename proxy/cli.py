@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
@@ -63,8 +64,19 @@ def parser() -> _Parser:
     top.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _serve_parser(sub)
-    sub.add_parser("config-docs", help="print the configuration table (Markdown)")
+    docs = sub.add_parser("config-docs", help="print the configuration table (Markdown)")
+    docs.add_argument(
+        "--update", metavar="FILE", help="replace the table in FILE (the README) instead"
+    )
     return top
+
+
+def update_docs(path: Path) -> None:
+    """Swap the generated table in ``path`` (from its header row to the next blank line)."""
+    text = path.read_text(encoding="utf-8")
+    start = text.index(docs_table().splitlines()[0])
+    end = text.index("\n\n", start) + 1
+    path.write_text(text[:start] + docs_table() + text[end:], encoding="utf-8")
 
 
 def configure_logging(level: str) -> None:
@@ -91,7 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     command = args.pop("command")
     if command == "config-docs":
-        sys.stdout.write(docs_table())
+        if args["update"]:
+            update_docs(Path(args["update"]))
+        else:
+            sys.stdout.write(docs_table())
         return 0
     config_file = args.pop("config")
     try:

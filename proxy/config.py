@@ -152,7 +152,10 @@ class Config:
         1.0,
     )
     max_concurrent_searches: int = _key(
-        "Local searches running at once (0 = one per CPU core). Cache hits do not count.", 0
+        "Local searches admitted at once (0 = four per CPU core: enough to keep the search "
+        "threads, one per core, busy while the event loop hands over the next one). Cache "
+        "hits do not count.",
+        0,
     )
     search_queue_max: int = _key(
         "Local searches that may wait for a slot; beyond, requests get 503 at once.", 256
@@ -242,7 +245,7 @@ class Config:
 
     @property
     def search_slots(self) -> int:
-        return self.max_concurrent_searches or os.cpu_count() or 2
+        return self.max_concurrent_searches or 4 * (os.cpu_count() or 2)
 
     @property
     def host(self) -> str:

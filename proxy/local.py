@@ -110,7 +110,9 @@ def prepare(
     if op in ("query", "get"):
         body = _body(raw, _QUERY_KEYS if op == "query" else _GET_KEYS)
         bools = op == "query" and (b"true" in raw or b"false" in raw)
-        return Prepared(op, body, canonical_digest(body), bools)
+        # The primary ignores query strings here; keying on them anyway is merely cautious.
+        digest = canonical_digest([body, sorted(query.items())])
+        return Prepared(op, body, digest, bools)
     if op == "count":
         _check_count_query(query)
         return Prepared(op, None, b"")

@@ -11,6 +11,7 @@ read(request)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Hashable
 
@@ -73,8 +74,7 @@ async def read(request: web.Request) -> web.StreamResponse:
                     raise
         stale = True  # the primary cannot be reached: an old answer beats no answer
     try:
-        prepared = local.prepare(route.op, raw, request.rel_url.query, route.tenant, route.database)
-        body, source = await _answer(request, replica, prepared)
+        body, source = await _answer(request, replica, route, raw)
     except NotLocal as exc:
         log.debug("forwarding %s: %s", route.op, exc)
         metrics.local_fallbacks.labels("not_local").inc()
@@ -90,23 +90,28 @@ async def read(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(
-    request: web.Request, replica: ReplicaIndex, prepared: local.Prepared
+    request: web.Request, replica: ReplicaIndex, route: Route, raw: bytes
 ) -> tuple[bytes, str]:
-    """The answer bytes and where they came from ("cache" or "replica")."""
+    """The answer bytes and where they came from ("cache" or "replica").
+
+    Two keys lead to a cached answer: one over the exact request bytes, checked before
+    anything is parsed (a hit then costs one hash), and one over the canonical request, so
+    the same question with its keys in another order (the JS and Python clients differ) is
+    still a hit. Both carry the replica generation and the collection's write counter."""
     guards, router = request.app[GUARDS], request.app[ROUTER]
-    key = (
-        replica.collection_id,
-        replica.generation,
-        router.tracker.seq(replica.collection_id),
-        prepared.op,
-        prepared.digest,
-    )
+    cid = replica.collection_id
+    base = (cid, replica.generation, router.tracker.seq(cid), route.op)
+    exact = (*base, _exact_digest(route, raw, request.rel_url.raw_query_string))
     cache = guards.cache
-    if cache is not None:
-        hit = cache.get(key)
-        if hit is not None:
-            guards.metrics.cache.labels("hit").inc()
-            return hit.body, "cache"
+    if cache is not None and (hit := cache.get(exact)) is not None:
+        guards.metrics.cache.labels("hit").inc()
+        return hit.body, "cache"
+    prepared = local.prepare(route.op, raw, request.rel_url.query, route.tenant, route.database)
+    key = (*base, prepared.digest)
+    if cache is not None and (hit := cache.get(key)) is not None:
+        guards.metrics.cache.labels("hit").inc()
+        cache.put(exact, hit)
+        return hit.body, "cache"
 
     async def compute() -> bytes:
         queued = await _admit(guards)
@@ -122,8 +127,16 @@ async def _answer(
     body, coalesced = await guards.flights.run(key, compute)
     guards.metrics.cache.labels("coalesced" if coalesced else "miss").inc()
     if cache is not None and not coalesced:
-        cache.put(key, Cached(200, body))
+        entry = Cached(200, body)
+        cache.put(key, entry)
+        cache.put(exact, entry)
     return body, "replica"
+
+
+def _exact_digest(route: Route, raw: bytes, query_string: str) -> bytes:
+    digest = hashlib.blake2b(raw, digest_size=16)
+    digest.update(f"\0{query_string}\0{route.tenant}\0{route.database}".encode())
+    return digest.digest()
 
 
 async def _admit(guards: Guards) -> bool:

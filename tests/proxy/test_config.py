@@ -85,7 +85,7 @@ def test_ipv6_listen() -> None:
 
 def test_every_key_is_documented_in_readme() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert docs_table() in readme, "README config table is stale: run `replica-proxy config-docs`"
+    assert docs_table() in readme, "README config table is stale: run `make docs`"
     assert all(f.metadata["help"] for f in FIELDS.values())
 
 

@@ -1,0 +1,319 @@
+"""Cache, replica path and overload behaviour, each against its own ceiling, in one run.
+
+    bash bench/setup.sh        # wrk, h2load, matplotlib (once)
+    .venv/bin/python -m bench.guards [--rows 100000] [--dim 384] [--seconds 10]
+
+A. Cache hits vs an aiohttp+uvloop server that returns the same bytes from a dict (the ceiling
+   for any Python HTTP answer on this machine), wrk at c=32.
+B. Replica path with the cache off vs hnswlib called in-process on the same queries with as many
+   threads as the proxy has search threads (the limit for the search itself).
+C. Overload, open loop (h2load --rps): offered load from 0.5x to 3x the replica path's capacity
+   from B, cache off, every request unique; goodput, p99 of admitted requests, how fast shed
+   requests are answered, and the proxy's RSS. Writes bench/results/guards.png.
+
+Writes bench/results/guards.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from bench.common import D, Proxy, call, clustered, write_report, wrk
+from bench.replica import _ensure_loaded
+from proxy.embedded import free_port
+
+DICT_SERVER = """
+import sys, asyncio, uvloop
+from aiohttp import web
+body = open(sys.argv[2], "rb").read()
+async def answer(request):
+    await request.read()
+    return web.Response(body=body, content_type="application/json")
+app = web.Application()
+app.router.add_route("*", "/{tail:.*}", answer)
+uvloop.install()
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def main() -> None:
+    args = _args()
+    vectors = clustered(args.rows, args.dim, clusters=200, seed=7)
+    rng = np.random.default_rng(11)
+    queries = (vectors[rng.choice(args.rows, 200, replace=False)]
+               + rng.normal(scale=0.1, size=(200, args.dim))).astype(np.float32)  # fmt: skip
+    bodies = [json.dumps({"query_embeddings": [q.tolist()], "n_results": 10,
+                          "include": ["distances"]}) for q in queries]  # fmt: skip
+    out = Path(args.out)
+    results: dict[str, Any] = {"rows": args.rows, "dim": args.dim, "seconds": args.seconds}
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    common = ("--replicate", "", "--build-threads", "2", "--max-staleness-s", "86400",
+              "--refresh-interval-s", "86400")  # fmt: skip
+    with Proxy(*common, data_dir=data_dir) as proxy:
+        cid = _ready(proxy, vectors)
+        results["cache"] = _cache_vs_ceiling(proxy, cid, bodies[0], args.seconds)
+    with Proxy(*common, "--cache-max-bytes", "0", data_dir=data_dir) as proxy:
+        cid = _ready(proxy, vectors)
+        results["replica"] = _replica_vs_hnswlib(proxy, cid, vectors, queries, bodies, args)
+        capacity = results["replica"]["proxy_qps"]
+        results["overload"] = _overload(proxy, cid, bodies[:16], capacity, args.seconds, out)
+    write_report(out, "guards", results, _markdown(results))
+
+
+def _ready(proxy: Proxy, vectors: npt.NDArray[np.float32]) -> str:
+    cid = _ensure_loaded(proxy.primary_url, vectors)
+    url = f"{proxy.url}{D}/collections/{cid}/count"
+    while True:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            if resp.headers.get("X-Proxy-Source") in ("replica", "cache"):
+                return cid
+        time.sleep(0.2)
+
+
+def _cache_vs_ceiling(proxy: Proxy, cid: str, body: str, seconds: int) -> dict[str, Any]:
+    url = f"{proxy.url}{D}/collections/{cid}/query"
+    answer = call(proxy.url, "POST", f"{D}/collections/{cid}/query", json.loads(body))
+    raw = json.dumps(answer, separators=(",", ":")).encode()
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        fh.write(raw)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", DICT_SERVER, str(port), fh.name])
+    try:
+        _wait_listening(port)
+        print("A: cache hits vs dict server ...", flush=True)
+        ceiling = wrk(f"http://127.0.0.1:{port}/q", connections=32, seconds=seconds,
+                      method="POST", bodies=[body])  # fmt: skip
+        hits = wrk(url, connections=32, seconds=seconds, method="POST", bodies=[body])
+    finally:
+        server.terminate()
+        server.wait()
+        os.unlink(fh.name)
+    return {"ceiling": ceiling.as_dict(), "cache_hits": hits.as_dict(),
+            "ratio": round(hits.qps / ceiling.qps, 3)}  # fmt: skip
+
+
+def _wait_listening(port: int) -> None:
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("dict server did not start")
+
+
+def _replica_vs_hnswlib(
+    proxy: Proxy,
+    cid: str,
+    vectors: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    bodies: list[str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    print("B: replica path (cache off) ...", flush=True)
+    url = f"{proxy.url}{D}/collections/{cid}/query"
+    run = wrk(url, connections=32, seconds=args.seconds, method="POST", bodies=bodies)
+    print("B: hnswlib in-process ...", flush=True)
+    limit = _hnswlib_qps(vectors, queries, threads=os.cpu_count() or 2, seconds=args.seconds)
+    return {"proxy": run.as_dict(), "proxy_qps": run.qps, "hnswlib_qps": limit,
+            "ratio": round(run.qps / limit, 3)}  # fmt: skip
+
+
+def _hnswlib_qps(
+    vectors: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], threads: int, seconds: int
+) -> float:
+    """Single-query knn_query calls from ``threads`` threads, like the proxy's search pool."""
+    import hnswlib
+
+    index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
+    index.init_index(max_elements=len(vectors), ef_construction=100, M=16)
+    index.set_num_threads(threads)
+    index.add_items(vectors, np.arange(len(vectors)))
+    index.set_ef(100)
+    index.set_num_threads(1)
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def work(slot: int) -> None:
+        i = slot
+        while time.monotonic() < stop:
+            index.knn_query(queries[i % len(queries)][None, :], k=10)
+            counts[slot] += 1
+            i += threads
+
+    pool = [threading.Thread(target=work, args=(s,)) for s in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(counts) / seconds
+
+
+def _overload(
+    proxy: Proxy, cid: str, bodies: list[str], capacity: float, seconds: int, out: Path
+) -> list[dict[str, Any]]:
+    """Open-loop load with h2load (one process per query vector, since h2load sends one body;
+    several vectors keep the searches from all walking the same cached path). Every request
+    has its own query string, so neither the cache nor coalescing can absorb the load (the
+    proxy keys on the query string too)."""
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load not found: run `bash bench/setup.sh` (nghttp2-client)")
+    work = Path(tempfile.mkdtemp(prefix="overload-"))
+    for i, body in enumerate(bodies):
+        (work / f"body-{i}.json").write_text(body)
+    path = f"{D}/collections/{cid}/query"
+    (work / "uris.txt").write_text("".join(f"{proxy.url}{path}?u={i}\n" for i in range(200_000)))
+    points = []
+    for factor in (0.5, 1.0, 1.5, 2.0, 3.0):
+        duration = seconds * 3 if factor == 3.0 else seconds
+        print(f"C: offered {factor}x capacity for {duration}s ...", flush=True)
+        points.append(_h2load_point(proxy, work, capacity * factor, duration, factor))
+    shutil.rmtree(work, ignore_errors=True)
+    _plot(points, capacity, out / "guards.png")
+    return points
+
+
+def _h2load_point(
+    proxy: Proxy, work: Path, rate: float, duration: int, factor: float
+) -> dict[str, Any]:
+    bodies = sorted(work.glob("body-*.json"))
+    clients = 4  # per body: 64 connections in all
+    rss_before = _rss(proxy.process.pid)
+    procs = [
+        subprocess.Popen(
+            [
+                "h2load",
+                "--h1",
+                "-c",
+                str(clients),
+                "--rps",
+                f"{rate / clients / len(bodies):.3f}",
+                "-D",
+                str(duration),
+                "--warm-up-time",
+                "1",
+                "-d",
+                str(body),
+                "-H",
+                "Content-Type: application/json",
+                "-i",
+                str(work / "uris.txt"),
+                "--log-file",
+                str(work / f"log-{factor}-{i}.tsv"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, body in enumerate(bodies)
+    ]
+    for proc in procs:
+        proc.wait()
+    rows = np.concatenate(
+        [np.loadtxt(log, dtype=np.int64, ndmin=2) for log in work.glob(f"log-{factor}-*.tsv")]
+    )
+    status, micros = rows[:, 1], rows[:, 2]
+    ok, shed = micros[status == 200] / 1000, micros[status == 503] / 1000
+    return {
+        "factor": factor,
+        "offered_qps": round(rate),
+        "sent_qps": round(len(status) / duration),
+        "goodput_qps": round(len(ok) / duration),
+        "shed_qps": round(len(shed) / duration),
+        "other_status": int(((status != 200) & (status != 503)).sum()),
+        "admitted_p50_ms": _pct(ok, 50),
+        "admitted_p99_ms": _pct(ok, 99),
+        "shed_p50_ms": _pct(shed, 50),
+        "shed_p99_ms": _pct(shed, 99),
+        "rss_mb_before": rss_before,
+        "rss_mb_after": _rss(proxy.process.pid),
+    }
+
+
+def _pct(values: npt.NDArray[np.float64], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if len(values) else None
+
+
+def _rss(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def _plot(points: list[dict[str, Any]], capacity: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offered = [p["offered_qps"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(offered, [p["goodput_qps"] for p in points], "o-", label="goodput (200)")
+    left.plot(offered, [p["shed_qps"] for p in points], "s-", label="shed (503)")
+    left.axhline(capacity, ls="--", c="grey", label="capacity (closed loop)")
+    left.set(xlabel="offered load (req/s)", ylabel="req/s", title="Throughput")
+    left.legend()
+    right.plot(offered, [p["admitted_p99_ms"] for p in points], "o-", label="admitted p99")
+    right.plot(offered, [p["shed_p99_ms"] or 0 for p in points], "s-", label="shed p99")
+    right.set(xlabel="offered load (req/s)", ylabel="ms", title="Latency", yscale="log")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    cache, replica = results["cache"], results["replica"]
+    lines = [
+        f"# Cache, replica path and overload ({results['rows']} x {results['dim']})",
+        "",
+        "| path | QPS | p50 / p99 ms | ceiling QPS | ratio |",
+        "|---|---|---|---|---|",
+        f"| cache hits (c=32) | {cache['cache_hits']['qps']:.0f} | "
+        f"{cache['cache_hits']['p50_ms']:.2f} / {cache['cache_hits']['p99_ms']:.2f} | "
+        f"{cache['ceiling']['qps']:.0f} (aiohttp dict server) | {cache['ratio']} |",
+        f"| replica path, cache off (c=32) | {replica['proxy']['qps']:.0f} | "
+        f"{replica['proxy']['p50_ms']:.2f} / {replica['proxy']['p99_ms']:.2f} | "
+        f"{replica['hnswlib_qps']:.0f} (hnswlib in-process) | {replica['ratio']} |",
+        "",
+        "| offered x | offered QPS | sent QPS | goodput | shed/s | admitted p50/p99 ms "
+        "| shed p50/p99 ms | other | RSS MB before/after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in results["overload"]:
+        lines.append(
+            f"| {p['factor']} | {p['offered_qps']} | {p['sent_qps']} | {p['goodput_qps']} "
+            f"| {p['shed_qps']} "
+            f"| {p['admitted_p50_ms']} / {p['admitted_p99_ms']} "
+            f"| {p['shed_p50_ms']} / {p['shed_p99_ms']} | {p['other_status']} "
+            f"| {p['rss_mb_before']} / {p['rss_mb_after']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--data-dir", help="keep the primary's data here between runs")
+    parser.add_argument("--out", default="bench/results")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,7 @@ from .errors import to_response
 from .guards import Guards
 from .metrics import Metrics
 from .replicas import ReplicaRouter
-from .routes import RouteClass, classify
+from .routes import classify
 from .sample import load_sample
 from .state import (
     CONFIG,
@@ -99,10 +99,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         return resp
     finally:
         metrics.in_flight.dec()
-        source = request.get(SOURCE, "proxy")
-        metrics.requests.labels(route.kind.value, route.op, status, source).inc()
-        if route.kind is not RouteClass.OPS:
-            metrics.latency.labels(route.kind.value, source).observe(time.perf_counter() - started)
+        metrics.observe(route, status, request.get(SOURCE, "proxy"), time.perf_counter() - started)
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:

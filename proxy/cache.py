@@ -10,7 +10,6 @@ later), and a stale answer can never be served once the proxy knows of a write.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -22,9 +21,10 @@ T = TypeVar("T")
 
 
 def canonical_digest(body: Any) -> bytes:
-    """A digest of the request that ignores key order and whitespace (the JS and Python
-    clients order keys differently); vectors are part of what is hashed."""
-    return hashlib.blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+    """The request in a form that ignores key order and whitespace (the JS and Python
+    clients order keys differently), vectors included. Kept whole rather than hashed: hashing
+    cost more than the lookup, and equal keys are then certain to be equal requests."""
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,7 @@ class Cached:
     status: int
     body: bytes
     content_type: str = "application/json"
+    key_bytes: int = 0  # size of the request held in the key, counted against the bound
 
 
 class ResultCache:
@@ -40,15 +41,15 @@ class ResultCache:
     def __init__(self, max_bytes: int, max_entry_bytes: int, ttl_s: float) -> None:
         self.max_entry_bytes = min(max_entry_bytes, max_bytes)
         self._lru: cachetools.TTLCache[Hashable, Cached] = cachetools.TTLCache(
-            maxsize=max_bytes, ttl=ttl_s, getsizeof=lambda entry: len(entry.body)
+            maxsize=max_bytes, ttl=ttl_s, getsizeof=lambda e: len(e.body) + e.key_bytes
         )
 
     def get(self, key: Hashable) -> Cached | None:
         return self._lru.get(key)
 
     def put(self, key: Hashable, entry: Cached) -> bool:
-        """Store unless the body is over the per-entry cap; True if stored."""
-        if len(entry.body) > self.max_entry_bytes:
+        """Store unless the entry is over the per-entry cap; True if stored."""
+        if len(entry.body) + entry.key_bytes > self.max_entry_bytes:
             return False
         self._lru[key] = entry
         return True

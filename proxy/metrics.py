@@ -6,7 +6,11 @@ never clash on global registration.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .routes import Route, RouteClass
 
 # Buckets from 0.5 ms (a cache hit) to 30 s (a slow forwarded export page).
 LATENCY_BUCKETS = (
@@ -17,6 +21,7 @@ LATENCY_BUCKETS = (
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[RouteClass, str, str, str], tuple[Any, Any]] = {}
         r = self.registry
         self.requests = Counter(
             "replica_proxy_requests_total",
@@ -81,6 +86,10 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # Children looked up once: labels() takes a lock and a dict lookup per call.
+        self.cache_hit = self.cache.labels("hit")
+        self.cache_miss = self.cache.labels("miss")
+        self.cache_coalesced = self.cache.labels("coalesced")
         self.cache_bytes = Gauge(
             "replica_proxy_cache_bytes", "Bytes of response bodies in the cache.", registry=r
         )
@@ -97,6 +106,22 @@ class Metrics:
         self.queue_depth = Gauge(
             "replica_proxy_search_queue_depth", "Local searches waiting for a slot.", registry=r
         )
+
+    def observe(self, route: Route, status: str, source: str, seconds: float) -> None:
+        """Count one finished request and its latency. The labelled children are memoised:
+        prometheus-client's labels() takes a lock and builds a key on every call."""
+        key = (route.kind, route.op, status, source)
+        children = self._children.get(key)
+        if children is None:
+            kind = route.kind.value
+            latency = None
+            if route.kind is not RouteClass.OPS:
+                latency = self.latency.labels(kind, source)
+            children = (self.requests.labels(kind, route.op, status, source), latency)
+            self._children[key] = children
+        children[0].inc()
+        if children[1] is not None:
+            children[1].observe(seconds)
 
     def on_build(self, result: str, seconds: float, rows: int) -> None:
         self.rebuilds.labels(result).inc()

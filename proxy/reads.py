@@ -11,7 +11,6 @@ read(request)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Hashable
 
@@ -101,16 +100,16 @@ async def _answer(
     guards, router = request.app[GUARDS], request.app[ROUTER]
     cid = replica.collection_id
     base = (cid, replica.generation, router.tracker.seq(cid), route.op)
-    exact = (*base, _exact_digest(route, raw, request.rel_url.raw_query_string))
+    exact = (*base, raw, request.rel_url.raw_query_string, route.tenant, route.database)
     cache = guards.cache
     if cache is not None and (hit := cache.get(exact)) is not None:
-        guards.metrics.cache.labels("hit").inc()
+        guards.metrics.cache_hit.inc()
         return hit.body, "cache"
     prepared = local.prepare(route.op, raw, request.rel_url.query, route.tenant, route.database)
     key = (*base, prepared.digest)
     if cache is not None and (hit := cache.get(key)) is not None:
-        guards.metrics.cache.labels("hit").inc()
-        cache.put(exact, hit)
+        guards.metrics.cache_hit.inc()
+        cache.put(exact, Cached(200, hit.body, key_bytes=len(raw)))
         return hit.body, "cache"
 
     async def compute() -> bytes:
@@ -125,18 +124,11 @@ async def _answer(
                 guards.metrics.admission.labels("queued").inc()
 
     body, coalesced = await guards.flights.run(key, compute)
-    guards.metrics.cache.labels("coalesced" if coalesced else "miss").inc()
+    (guards.metrics.cache_coalesced if coalesced else guards.metrics.cache_miss).inc()
     if cache is not None and not coalesced:
-        entry = Cached(200, body)
-        cache.put(key, entry)
-        cache.put(exact, entry)
+        cache.put(key, Cached(200, body, key_bytes=len(prepared.digest)))
+        cache.put(exact, Cached(200, body, key_bytes=len(raw)))
     return body, "replica"
-
-
-def _exact_digest(route: Route, raw: bytes, query_string: str) -> bytes:
-    digest = hashlib.blake2b(raw, digest_size=16)
-    digest.update(f"\0{query_string}\0{route.tenant}\0{route.database}".encode())
-    return digest.digest()
 
 
 async def _admit(guards: Guards) -> bool:
@@ -161,10 +153,10 @@ async def forwarded_read(request: web.Request) -> web.StreamResponse:
     key = _forwarded_key(request, route)
     hit = cache.get(key)
     if hit is not None:
-        guards.metrics.cache.labels("hit").inc()
+        guards.metrics.cache_hit.inc()
         request[SOURCE] = "cache"
         return web.Response(status=hit.status, body=hit.body, content_type=hit.content_type)
-    guards.metrics.cache.labels("miss").inc()
+    guards.metrics.cache_miss.inc()
     resp, body = await forward_buffered(request)
     if resp.status == 200 and body is not None:
         cache.put(key, Cached(200, body, resp.content_type))

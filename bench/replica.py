@@ -8,8 +8,8 @@
    (`--data-dir` keeps it between runs).
 2. Measures export + build of the replica: from the first read until the replica serves.
 3. For unfiltered and filtered top-10 queries at concurrency 1, 8 and 32, drives the same
-   query bodies with wrk at the primary directly and at the proxy (replica path; there is no
-   result cache yet, so every request is a real search), and reports QPS and p50/p95/p99.
+   query bodies with wrk at the primary directly and at the proxy (replica path with the
+   result cache off, so every request is a real search), and reports QPS and p50/p95/p99.
 4. Computes recall@10 of both against exact search (numpy, float64) on the same queries.
 
 Writes bench/results/replica.{json,md} and prints the ratios. All processes share one 2-core
@@ -52,9 +52,10 @@ def main() -> None:
     )
     data_dir = Path(args.data_dir) if args.data_dir else None
     results: dict[str, Any] = {"rows": args.rows, "dim": args.dim, "seconds": args.seconds}
-    # No periodic refresh during the run: a rebuild would compete with what is measured.
+    # No periodic refresh during the run (a rebuild would compete with what is measured), and
+    # no result cache: the 200 query bodies repeat, and every request must be a real search.
     proxy_args = ("--replicate", "", "--build-threads", "2", "--max-staleness-s", "86400",
-                  "--refresh-interval-s", "86400")  # fmt: skip
+                  "--refresh-interval-s", "86400", "--cache-max-bytes", "0")  # fmt: skip
     with Proxy(*proxy_args, data_dir=data_dir) as proxy:
         cid = _ensure_loaded(proxy.primary_url, vectors)
         results["build"] = _measure_build(proxy, cid, args.rows)

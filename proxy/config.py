@@ -152,9 +152,8 @@ class Config:
         1.0,
     )
     max_concurrent_searches: int = _key(
-        "Local searches admitted at once (0 = four per CPU core: enough to keep the search "
-        "threads, one per core, busy while the event loop hands over the next one). Cache "
-        "hits do not count.",
+        "Local searches running at once, one thread each (0 = one per CPU core). Cache hits "
+        "do not count.",
         0,
     )
     search_queue_max: int = _key(
@@ -245,7 +244,7 @@ class Config:
 
     @property
     def search_slots(self) -> int:
-        return self.max_concurrent_searches or 4 * (os.cpu_count() or 2)
+        return self.max_concurrent_searches or os.cpu_count() or 2
 
     @property
     def host(self) -> str:

@@ -12,6 +12,7 @@ read(request)
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Hashable
 
 from aiohttp import web
@@ -20,11 +21,11 @@ from index.errors import NotLocal
 from index.replica import ReplicaIndex
 
 from . import local
+from .admission import SearchGate
 from .cache import Cached
 from .consistency import Level
 from .errors import Overloaded, UpstreamError
 from .forward import forward, forward_buffered, read_body
-from .guards import Guards
 from .routes import Route
 from .state import CONFIG, GUARDS, METRICS, ROUTE, ROUTER, SOURCE, STATE, UPSTREAM
 from .upstream import Breaker
@@ -113,15 +114,25 @@ async def _answer(
         return hit.body, "cache"
 
     async def compute() -> bytes:
-        queued = await _admit(guards)
+        gate, admission = guards.gate, guards.metrics.admission
         try:
-            config = request.app[CONFIG]
-            return await router.run(local.answer, replica, prepared, config.exact_search_max_rows)
+            queued = gate.enter()
+        except Overloaded as exc:
+            admission.labels(exc.reason).inc()
+            raise
+        admission.labels("queued" if queued else "admitted").inc()
+        guards.metrics.queue_depth.set(gate.queued)
+        try:
+            exact_max_rows = request.app[CONFIG].exact_search_max_rows
+            return await router.run(
+                _search, gate, time.monotonic(), replica, prepared, exact_max_rows
+            )
+        except Overloaded as exc:
+            admission.labels(exc.reason).inc()
+            raise
         finally:
-            guards.gate.release()
-            guards.metrics.queue_depth.set(guards.gate.queued)
-            if queued:
-                guards.metrics.admission.labels("queued").inc()
+            gate.exit()
+            guards.metrics.queue_depth.set(gate.queued)
 
     body, coalesced = await guards.flights.run(key, compute)
     (guards.metrics.cache_coalesced if coalesced else guards.metrics.cache_miss).inc()
@@ -131,17 +142,16 @@ async def _answer(
     return body, "replica"
 
 
-async def _admit(guards: Guards) -> bool:
-    try:
-        guards.metrics.queue_depth.set(guards.gate.queued + 1)
-        queued = await guards.gate.acquire()
-    except Overloaded as exc:
-        guards.metrics.admission.labels(exc.reason).inc()
-        raise
-    finally:
-        guards.metrics.queue_depth.set(guards.gate.queued)
-    guards.metrics.admission.labels("admitted").inc()
-    return queued
+def _search(
+    gate: SearchGate,
+    admitted_at: float,
+    replica: ReplicaIndex,
+    prepared: local.Prepared,
+    exact_max_rows: int,
+) -> bytes:
+    """In a search thread: refuse if the wait was too long, else compute."""
+    gate.check_deadline(admitted_at)
+    return local.answer(replica, prepared, exact_max_rows)
 
 
 async def forwarded_read(request: web.Request) -> web.StreamResponse:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -53,8 +52,9 @@ class ReplicaRouter:
         self.replicas = ReplicaSet()
         self.tracker = WriteTracker()
         self.scheduler = scheduler_factory(self)
+        # One thread per admitted search slot (proxy/admission.py SearchGate).
         self.executor = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 2, thread_name_prefix="replica-search"
+            max_workers=config.search_slots, thread_name_prefix="replica-search"
         )
         self._missing: dict[str, float] = {}
 

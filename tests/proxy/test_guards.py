@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -81,31 +82,27 @@ async def test_single_flight_shares_errors_and_forgets_them() -> None:
     assert await flights.run("k", fine) == (1, False)
 
 
-async def test_gate_sheds_when_slots_and_queue_are_full() -> None:
+def test_gate_sheds_when_slots_and_queue_are_full() -> None:
     gate = SearchGate(slots=2, queue_max=1, timeout_s=30, retry_after_s=3)
-    assert await gate.acquire() is False
-    assert await gate.acquire() is False
-    waiter = asyncio.create_task(gate.acquire())
-    await asyncio.sleep(0)
+    assert gate.enter() is False
+    assert gate.enter() is False
+    assert gate.enter() is True  # both slots busy: this one queues
     assert gate.queued == 1
     with pytest.raises(Overloaded) as info:
-        await gate.acquire()  # slots busy, queue full: refused at once
+        gate.enter()  # slots busy, queue full: refused at once
     assert info.value.reason == "queue_full"
     assert info.value.headers() == {"Retry-After": "3"}
-    gate.release()  # the slot goes straight to the queued request
-    assert await waiter is True
-    assert gate.busy == 2 and gate.queued == 0
-
-
-async def test_gate_deadline() -> None:
-    gate = SearchGate(slots=1, queue_max=5, timeout_s=0.01, retry_after_s=1)
-    await gate.acquire()
-    with pytest.raises(Overloaded) as info:
-        await gate.acquire()
-    assert info.value.reason == "queue_timeout"
+    gate.exit()
     assert gate.queued == 0
-    gate.release()
-    assert gate.busy == 0
+    assert gate.enter() is True  # room again
+
+
+def test_gate_deadline() -> None:
+    gate = SearchGate(slots=1, queue_max=5, timeout_s=0.5, retry_after_s=1)
+    gate.check_deadline(admitted_at=time.monotonic())  # just admitted: fine
+    with pytest.raises(Overloaded) as info:
+        gate.check_deadline(admitted_at=time.monotonic() - 10)  # waited 10 s for its turn
+    assert info.value.reason == "queue_timeout"
 
 
 def test_token_buckets() -> None:

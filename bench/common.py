@@ -6,6 +6,7 @@ process, so the numbers measure the server under test rather than a Python clien
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -174,6 +175,17 @@ def load_collection(
             },
         )
     return cid
+
+
+def dataset_args(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark on the 100k-row dataset takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--data-dir", help="keep the primary's data here between runs")
+    parser.add_argument("--out", default="bench/results")
+    return parser
 
 
 def write_report(directory: Path, name: str, data: dict[str, Any], markdown: str) -> None:

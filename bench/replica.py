@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.common import D, Proxy, call, clustered, write_report, wrk
+from bench.common import D, Proxy, call, clustered, dataset_args, write_report, wrk
 
 CONCURRENCY = (1, 8, 32)
 TOPICS = ["news", "sports", "science", "art", "travel"]
@@ -198,13 +198,8 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=384)
+    parser = dataset_args(__doc__ or "")
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--data-dir", help="keep the primary's data here between runs")
-    parser.add_argument("--out", default="bench/results")
     return parser.parse_args()
 
 

@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test lint docs venv clean
+.PHONY: run test lint docs venv js clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,18 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check proxy index sync tests bench
 	$(BIN)/mypy
 
-test: lint
+# The JS client tests need Node.js; without npm they are skipped (and say so).
+JS_STAMP := tests/js/node_modules/.installed-$(shell cat tests/js/package-lock.json | cksum | cut -d' ' -f1)
+
+js:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) -s --no-print-directory $(JS_STAMP); \
+	else echo "npm not found: the JS client tests will be skipped"; fi
+
+$(JS_STAMP): tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund --silent
+	@touch $@
+
+test: lint js
 	$(BIN)/python -m pytest $(ARGS)
 
 # Regenerate the README's configuration table from the code.
@@ -37,4 +48,4 @@ docs: $(STAMP)
 	$(BIN)/replica-proxy config-docs --update README.md
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache tests/js/node_modules

@@ -48,10 +48,6 @@ def _single(clause: object) -> tuple[str, Any]:
     return key, value
 
 
-def _all(ctx: Filterable) -> Mask:
-    return np.ones(ctx.n, np.bool_)
-
-
 def _logical(op: str, value: object, parse: Callable[[object], Filter]) -> Filter:
     """``$and``/``$or`` over a list of clauses, each parsed with ``parse``."""
     if not isinstance(value, list):

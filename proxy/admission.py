@@ -91,14 +91,14 @@ class TokenBuckets:
 class InFlightLimit:
     limit: int
     retry_after_s: int
+    what: str = "requests to the primary"
+    reason: str = "forward_limit"
     current: int = 0
 
     def enter(self) -> None:
         if self.current >= self.limit:
             raise Overloaded(
-                f"{self.limit} requests to the primary in flight",
-                self.retry_after_s,
-                reason="forward_limit",
+                f"{self.limit} {self.what} in flight", self.retry_after_s, reason=self.reason
             )
         self.current += 1
 

@@ -162,6 +162,12 @@ class Config:
     search_queue_timeout_s: float = _key(
         "Longest a local search waits for a slot before it gets 503.", 1.0
     )
+    max_requests_in_flight: int = _key(
+        "Requests (of any kind but the ops endpoints) handled at once; beyond, 503 at once, "
+        "before the body is read, like uvicorn's limit_concurrency. Bounds the work and "
+        "memory in progress when clients open more connections than the proxy can serve.",
+        1024,
+    )
     max_forwarded_in_flight: int = _key(
         "Requests forwarded to the primary at once; beyond, requests get 503 at once.", 256
     )
@@ -203,6 +209,7 @@ class Config:
             "cache_max_entry_bytes",
             "search_queue_timeout_s",
             "max_forwarded_in_flight",
+            "max_requests_in_flight",
             "tenant_burst",
             "breaker_failures",
             "breaker_open_s",

@@ -21,6 +21,7 @@ class Guards:
     gate: SearchGate
     buckets: TokenBuckets
     forward_limit: InFlightLimit
+    request_limit: InFlightLimit
     metrics: Metrics = field(repr=False)
 
     @classmethod
@@ -42,5 +43,8 @@ class Guards:
             ),
             buckets=TokenBuckets(config.tenant_rate_per_s, config.tenant_burst),
             forward_limit=InFlightLimit(config.max_forwarded_in_flight, config.retry_after_s),
+            request_limit=InFlightLimit(
+                config.max_requests_in_flight, config.retry_after_s, "requests", "request_limit"
+            ),
             metrics=metrics,
         )

@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import reads
+from .errors import Overloaded
 from .forward import forward
 from .routes import RouteClass
 from .state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE
@@ -17,14 +18,22 @@ from .state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path but the ops endpoints: writes, reads a replica may answer, the rest."""
-    route = request[ROUTE]
-    if route.tenant is not None:
-        request.app[GUARDS].buckets.take(route.tenant)
-    if route.kind is RouteClass.WRITE:
-        return await write(request)
-    if route.kind is RouteClass.LOCAL_READ and request.app[CONFIG].replicas:
-        return await reads.read(request)
-    return await reads.forwarded_read(request)
+    route, guards = request[ROUTE], request.app[GUARDS]
+    try:
+        guards.request_limit.enter()  # before the body is read: refusing costs next to nothing
+    except Overloaded:
+        request.app[METRICS].admission.labels("request_limit").inc()
+        raise
+    try:
+        if route.tenant is not None:
+            guards.buckets.take(route.tenant)
+        if route.kind is RouteClass.WRITE:
+            return await write(request)
+        if route.kind is RouteClass.LOCAL_READ and request.app[CONFIG].replicas:
+            return await reads.read(request)
+        return await reads.forwarded_read(request)
+    finally:
+        guards.request_limit.exit()
 
 
 async def write(request: web.Request) -> web.StreamResponse:

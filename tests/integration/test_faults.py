@@ -199,3 +199,40 @@ async def wait_for_status(session: aiohttp.ClientSession, url: str, status: int)
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{url} never answered {status}")
+
+
+async def test_requests_over_the_in_flight_cap_get_503_at_once() -> None:
+    """Like uvicorn's limit_concurrency: beyond max_requests_in_flight a request is refused
+    before its body is read; the ops endpoints still answer."""
+    primary = await start_fake_primary()
+    config = load({"max_requests_in_flight": "2", "replicas": "false"}, environ={})
+    proxy = TestServer(build_app(config, str(primary.make_url(""))), host="127.0.0.1")
+    await proxy.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def slow() -> int:
+                async with session.get(str(proxy.make_url("/slow?s=2"))) as resp:
+                    await resp.read()
+                    return resp.status
+
+            held = [asyncio.create_task(slow()) for _ in range(2)]
+            metrics_url = str(proxy.make_url("/metrics"))
+            for _ in range(200):
+                async with session.get(metrics_url) as resp:
+                    # both slow requests, plus this scrape (ops endpoints are not capped)
+                    if "replica_proxy_requests_in_flight 3.0" in await resp.text():
+                        break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the two slow requests never were in flight together")
+            async with session.post(str(proxy.make_url("/echo-body")), data=b"x" * 1000) as resp:
+                assert resp.status == 503
+                assert resp.headers["Retry-After"] == "1"
+                assert "2 requests in flight" in (await json_error(resp))["message"]
+            async with session.get(str(proxy.make_url("/healthz"))) as resp:
+                assert resp.status == 200
+            assert await asyncio.gather(*held) == [200, 200]
+    finally:
+        await proxy.close()
+        await primary.close()

@@ -164,8 +164,9 @@ class Config:
     )
     max_requests_in_flight: int = _key(
         "Requests (of any kind but the ops endpoints) handled at once; beyond, 503 at once, "
-        "before the body is read, like uvicorn's limit_concurrency. Bounds the work and "
-        "memory in progress when clients open more connections than the proxy can serve.",
+        "before the body is read, like uvicorn's limit_concurrency. A memory guard against "
+        "connection floods: keep it above the expected number of client connections, since "
+        "under overload refusing costs the event loop nearly as much as serving.",
         1024,
     )
     max_forwarded_in_flight: int = _key(

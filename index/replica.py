@@ -62,7 +62,6 @@ class ReplicaIndex:
     records: Records
     index: Any  # hnswlib.Index, or None for an empty collection
     directory: Path | None = None
-    loaded_at: float = field(default_factory=time.time)
     # This process' write counter for the collection when the export started (see
     # proxy/consistency.py); -1 means "may miss writes", e.g. when loaded from an older process.
     covers_write_seq: int = -1

@@ -69,7 +69,6 @@ def sync_settings(config: Config) -> SyncSettings:
     return SyncSettings(
         store=config.snapshot_path,
         replicate=config.replicate_list if config.replicas else (),
-        on_demand=config.replicate_on_demand,
         page_rows=config.export_page_rows,
         export_concurrency=config.export_concurrency,
         build_threads=config.build_threads,

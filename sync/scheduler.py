@@ -43,7 +43,6 @@ COVERS_NOTHING = -1
 class SyncSettings:
     store: Path
     replicate: tuple[str, ...]  # "tenant/database" (database "*" = all of the tenant's)
-    on_demand: bool
     page_rows: int
     export_concurrency: int
     build_threads: int

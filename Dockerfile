@@ -3,23 +3,26 @@
 #   docker run -p 8000:8000 replica-proxy serve --primary http://chroma:8000 --listen 0.0.0.0:8000
 FROM python:3.11-slim AS build
 WORKDIR /src
-# hnswlib builds from source.
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
+# hnswlib builds from source (patched to release the GIL while loading: vendor/hnswlib).
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential patch \
     && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv
+COPY vendor ./vendor
+RUN bash vendor/hnswlib/install.sh /opt/venv/bin/python
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY index ./index
 COPY sync ./sync
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN /opt/venv/bin/pip install --no-cache-dir .
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 proxy \
     && mkdir /data && chown proxy /data
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY --from=build /opt/venv /opt/venv
 USER proxy
 WORKDIR /home/proxy
-ENV REPLICA_PROXY_LISTEN=0.0.0.0:8000 \
+ENV PATH=/opt/venv/bin:$PATH \
+    REPLICA_PROXY_LISTEN=0.0.0.0:8000 \
     REPLICA_PROXY_DATA_DIR=/data \
     PYTHONUNBUFFERED=1
 EXPOSE 8000

@@ -7,16 +7,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall only when the dependency list changes.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml vendor/hnswlib/* | cksum | cut -d' ' -f1)
 ARGS ?=
 
 .PHONY: run test lint docs venv js clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml vendor/hnswlib/release-gil.patch vendor/hnswlib/install.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# hnswlib with load_index/save_index releasing the GIL (why: vendor/hnswlib/install.sh)
+	bash vendor/hnswlib/install.sh $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@

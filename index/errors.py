@@ -4,7 +4,8 @@ IndexError_ (root)
  ├── NotLocal                  the replica cannot answer this request exactly: forward it
  └── SnapshotError             a snapshot on disk is unusable
       ├── SnapshotFormatError  manifest missing/unreadable or of another format version
-      └── SnapshotCorrupt      a file is missing, of the wrong size, or fails its sha256
+      ├── SnapshotCorrupt      a file is missing, of the wrong size, or fails its sha256
+      └── ValidationFailed     the index loads but does not find what exact search finds
 """
 
 from __future__ import annotations
@@ -29,4 +30,8 @@ class SnapshotFormatError(SnapshotError, ValueError):
 
 
 class SnapshotCorrupt(SnapshotError, ValueError):
+    pass
+
+
+class ValidationFailed(SnapshotError, ValueError):
     pass

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import orjson
 
 from .columns import Columns, Mask
-from .errors import NotLocal, SnapshotCorrupt
+from .errors import NotLocal, SnapshotCorrupt, ValidationFailed
 from .filters import Filter, plain_ascii
 from .snapshot import Manifest, verify
 
@@ -32,6 +32,13 @@ EXACT_SHARE = 0.1
 EXACT_MAX_ROWS = 4096
 
 
+# Records are stored as JSON lines of at most RECORDS_CHUNK rows each, so that neither writing
+# nor reading them holds the GIL for long: one orjson call over 100k rows takes ~70 ms, during
+# which the event loop could not run (a swap must not stall it; see issue 5 and DESIGN.md 4).
+RECORDS_CHUNK = 2048
+_RECORD_FIELDS = ("ids", "documents", "uris", "metadatas")
+
+
 @dataclass(slots=True)
 class Records:
     ids: list[str]
@@ -40,19 +47,24 @@ class Records:
     metadatas: list[dict[str, Any] | None]
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "ids": self.ids,
-                "documents": self.documents,
-                "uris": self.uris,
-                "metadatas": self.metadatas,
-            }
-        )
+        """JSON lines, each {"ids": [...], "documents": [...], ...} for a slice of rows."""
+        lines = [
+            orjson.dumps(
+                {f: getattr(self, f)[start : start + RECORDS_CHUNK] for f in _RECORD_FIELDS}
+            )
+            for start in range(0, max(len(self.ids), 1), RECORDS_CHUNK)
+        ]
+        return b"\n".join(lines)
 
     @classmethod
     def from_json(cls, raw: bytes) -> Records:
-        data = orjson.loads(raw)
-        return cls(data["ids"], data["documents"], data["uris"], data["metadatas"])
+        """Reads to_json's output (format 1 wrote one line; it parses the same way)."""
+        out = cls([], [], [], [])
+        for line in raw.splitlines():
+            chunk = orjson.loads(line)
+            for f in _RECORD_FIELDS:
+                getattr(out, f).extend(chunk[f])
+        return out
 
 
 @dataclass(eq=False)
@@ -205,6 +217,28 @@ class ReplicaIndex:
             )
         return cls(manifest, vectors, records, index, directory)
 
+    def validate(self, queries: int, min_recall: float) -> float:
+        """Recall@10 of HNSW against exact search, using ``queries`` stored vectors spread over
+        the collection as queries; ValidationFailed below ``min_recall``. Catches an index
+        that loads but is not the one its vectors describe (wrong file, wrong parameters,
+        a bug) before it serves. Blocking: run it off the event loop."""
+        if self.n == 0 or self.index is None or queries <= 0:
+            return 1.0
+        rows = np.unique(np.linspace(0, self.n - 1, min(queries, self.n)).astype(np.int64))
+        sample = np.asarray(self.vectors[rows], dtype=np.float32)
+        k = min(10, self.n)
+        found = self._hnsw(sample, k)
+        if not found:
+            raise ValidationFailed(f"{self.directory}: HNSW cannot return {k} neighbours")
+        exact = _brute_top(self.manifest.space, np.asarray(self.vectors), sample, k)
+        hits = sum(len(set(a.tolist()) & set(b)) for (a, _), b in zip(found, exact, strict=True))
+        recall = hits / (k * len(rows))
+        if recall < min_recall:
+            raise ValidationFailed(
+                f"{self.directory}: recall@{k} {recall:.3f} below the floor {min_recall}"
+            )
+        return recall
+
     # --- shaping ----------------------------------------------------------------------------
 
     def embeddings(self, rows: Rows) -> Vectors:
@@ -232,6 +266,24 @@ def _distances(
         scale = np.float32(1.0 / q_norm) if q_norm > 0 else np.float32(0.0)
         return np.float32(1.0) - (sub @ query) * inverse_norms * scale
     raise NotLocal(f"space {space!r} is not replicated")
+
+
+def _brute_top(space: str, vectors: Vectors, queries: Vectors, k: int) -> list[list[int]]:
+    """Exact top-k rows per query by one matrix product over the whole collection (for
+    validation: cheaper than _distances' per-query pass, and precise enough for recall)."""
+    vectors = vectors.astype(np.float32, copy=False)
+    dots = vectors @ queries.T  # rows x queries
+    if space == "l2":
+        scores = np.einsum("ij,ij->i", vectors, vectors)[:, None] - 2 * dots
+    elif space == "cosine":
+        norms = np.linalg.norm(vectors, axis=1)
+        scores = -dots / np.where(norms > 0, norms, 1.0)[:, None]
+    else:
+        scores = -dots
+    top = np.argpartition(scores, k - 1, axis=0)[:k] if k < len(vectors) else None
+    if top is None:
+        return [list(range(len(vectors))) for _ in range(len(queries))]
+    return [top[:, j].tolist() for j in range(len(queries))]
 
 
 def build_index(vectors: Vectors, space: str, hnsw: dict[str, int], threads: int) -> Any:

@@ -28,7 +28,9 @@ import orjson
 
 from .errors import SnapshotCorrupt, SnapshotFormatError
 
-FORMAT_VERSION = 1
+# 2: records.json became JSON lines (index/replica.py Records); 1 is still readable.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = frozenset({1, 2})
 MANIFEST = "manifest.json"
 FILES = ("vectors.npy", "index.hnsw", "records.json")
 
@@ -60,7 +62,7 @@ class Manifest:
     def from_json(cls, raw: bytes) -> Manifest:
         try:
             data = orjson.loads(raw)
-            if data.get("format_version") != FORMAT_VERSION:
+            if data.get("format_version") not in READABLE_VERSIONS:
                 raise SnapshotFormatError(
                     f"format version {data.get('format_version')!r}, expected {FORMAT_VERSION}"
                 )

@@ -12,14 +12,15 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
+from sync.follower import StoreFollower
 from sync.scheduler import RebuildScheduler, SyncSettings
 
-from . import handlers
+from . import admin, handlers
 from .config import Config
 from .errors import to_response
 from .guards import Guards
 from .metrics import Metrics
-from .replicas import ReplicaRouter
+from .replicas import ReplicaRouter, ReplicaSource
 from .routes import classify
 from .sample import load_sample
 from .state import (
@@ -38,6 +39,8 @@ from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
+LOOP_LAG_TICK_S = 0.005
+
 
 def build_app(config: Config, primary_url: str) -> web.Application:
     """The proxy as an aiohttp application, forwarding to ``primary_url``."""
@@ -46,23 +49,32 @@ def build_app(config: Config, primary_url: str) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STATE] = ProxyState()
-    app[UPSTREAM] = upstream = Upstream(primary_url, config, metrics)
+    app[UPSTREAM] = Upstream(primary_url, config, metrics)
     app[GUARDS] = Guards.from_config(config, metrics)
-    app[ROUTER] = ReplicaRouter(
-        config,
-        lambda router: RebuildScheduler(
-            upstream, router.replicas, sync_settings(config), router.tracker.seq, metrics.on_build
-        ),
-    )
+    app[ROUTER] = ReplicaRouter(config, lambda router: _replica_source(app, router))
     # Started in this order, stopped in reverse: the scheduler needs the upstream session.
-    app.cleanup_ctx.extend([_upstream_ctx, _heartbeat_ctx, _sample_ctx, _replicas_ctx])
+    app.cleanup_ctx.extend(
+        [_loop_lag_ctx, _upstream_ctx, _heartbeat_ctx, _sample_ctx, _replicas_ctx]
+    )
     app.on_response_prepare.append(_stamp)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
+    admin.add_routes(app)
     # Everything else, any method, including paths this version does not know.
     app.router.add_route("*", "/{tail:.*}", handlers.dispatch)
     return app
+
+
+def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSource:
+    """Who fills the replica set: the store (role replica) or this process' own builds."""
+    config, settings = app[CONFIG], sync_settings(app[CONFIG])
+    if config.role == "replica":
+        return StoreFollower(router.replicas, settings)
+    metrics = app[METRICS]
+    return RebuildScheduler(
+        app[UPSTREAM], router.replicas, settings, router.tracker.seq, metrics.on_build
+    )
 
 
 def sync_settings(config: Config) -> SyncSettings:
@@ -75,6 +87,9 @@ def sync_settings(config: Config) -> SyncSettings:
         refresh_interval_s=config.refresh_interval_s,
         debounce_s=config.rebuild_debounce_s,
         keep_snapshots=config.keep_snapshots,
+        serve=config.role != "builder",
+        validate=(config.validate_queries, config.validate_min_recall),
+        poll_interval_s=config.store_poll_interval_s,
     )
 
 
@@ -105,6 +120,24 @@ async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
     """Every response names its request id and who answered (just before headers are sent)."""
     response.headers["X-Request-Id"] = request_id(request)
     response.headers["X-Proxy-Source"] = request.get(SOURCE, "proxy")
+
+
+async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Measure how late the event loop wakes up: a stall (a long computation or a call that
+    holds the GIL) delays every request in flight by as much."""
+    task = asyncio.create_task(_watch_loop_lag(app[METRICS]), name="loop-lag")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _watch_loop_lag(metrics: Metrics) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(LOOP_LAG_TICK_S)
+        metrics.on_loop_lag(max(0.0, loop.time() - started - LOOP_LAG_TICK_S))
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:

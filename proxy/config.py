@@ -25,6 +25,7 @@ ENV_PREFIX = "REPLICA_PROXY_"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 Consistency = Literal["strong", "session", "bounded", "eventual"]
+Role = Literal["standalone", "builder", "replica"]
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,32 @@ class Config:
         "Where snapshots are published. Unset: <data_dir>/snapshots.", None, metavar="DIR"
     )
     keep_snapshots: int = _key("Snapshots kept per collection (older ones are deleted).", 2)
+    role: Role = _key(
+        "standalone: export from the primary, build, publish and serve replicas. builder: "
+        "export, build and publish snapshots to snapshot_dir for replica processes; serve "
+        "none (reads are forwarded). replica: serve what a builder publishes in snapshot_dir "
+        "(a shared volume), loading newer generations as they appear; never export.",
+        "standalone",
+    )
+    store_poll_interval_s: float = _key(
+        "Role replica: how often snapshot_dir is scanned for newer generations.", 2.0
+    )
+    validate_queries: int = _key(
+        "Before a new replica serves, this many of its stored vectors are searched with HNSW "
+        "and with exact search; 0 skips the check.",
+        20,
+    )
+    validate_min_recall: float = _key(
+        "Refuse a new replica whose recall@10 in that check is below this (a corrupt or "
+        "mismatched index scores near 0).",
+        0.5,
+    )
+    admin_token: str | None = _key(
+        "Token for the admin API under /admin/ (header Authorization: Bearer TOKEN). Unset: "
+        "the admin API is off (403). Prefer the environment variable to the command line.",
+        None,
+        metavar="TOKEN",
+    )
     export_page_rows: int = _key(
         "Rows per page when exporting a collection from the primary (at most 32766).", 250
     )
@@ -215,6 +242,7 @@ class Config:
             "breaker_failures",
             "breaker_open_s",
             "retry_after_s",
+            "store_poll_interval_s",
         ):
             _check_positive(name, getattr(self, name))
         for name in (
@@ -224,6 +252,7 @@ class Config:
             "max_concurrent_searches",
             "search_queue_max",
             "tenant_rate_per_s",
+            "validate_queries",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
@@ -238,6 +267,12 @@ class Config:
             )
         if self.export_page_rows > 32766:  # Chroma: "too many SQL variables" beyond
             raise ConfigError("export_page_rows", self.export_page_rows, "must be <= 32766")
+        if not 0 <= self.validate_min_recall <= 1:
+            raise ConfigError("validate_min_recall", self.validate_min_recall, "must be in [0, 1]")
+        if self.role != "standalone" and not self.replicas:
+            raise ConfigError("role", self.role, "needs replicas on")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ConfigError("admin_token", "...", "must be at least 16 characters")
         for spec in self.replicate_list:
             if spec.count("/") != 1 or not all(spec.split("/")):
                 raise ConfigError("replicate", self.replicate, "expected tenant/database,...")

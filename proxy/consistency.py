@@ -4,12 +4,20 @@ Read-your-writes needs to know which writes a replica includes. The proxy number
 it forwards per collection (WriteTracker); a replica records the number reached when its export
 started (writes acknowledged before that are in the export, since Chroma applies writes
 synchronously). A write still in flight counts as not included.
+
+A replica cut by another process (a builder, or an earlier run of this one) knows nothing of
+this process' counter; it includes a write if its export started after the write was
+acknowledged, give or take CLOCK_MARGIN_S of clock difference between the two hosts.
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
+
+# How far apart the clocks of a builder and a replica may be (NTP keeps them far closer).
+CLOCK_MARGIN_S = 1.0
 
 
 class Level(enum.Enum):
@@ -25,8 +33,10 @@ class WriteTracker:
 
     _done: dict[str, int] = field(default_factory=dict)
     _in_flight: dict[str, int] = field(default_factory=dict)
+    _ended_at: dict[str, float] = field(default_factory=dict)  # wall time of the last one
     # Bumped by writes that touch every collection (reset, database deletion).
     _global: int = 0
+    _global_at: float = float("-inf")
     # Every write settled, to any collection or none (create database, create collection...).
     total: int = 0
 
@@ -43,9 +53,14 @@ class WriteTracker:
         else:
             self._in_flight.pop(collection_id, None)
         self._done[collection_id] = self._done.get(collection_id, 0) + 1
+        self._ended_at[collection_id] = time.time()
 
     def bump_all(self) -> None:
         self._global += 1
+        self._global_at = time.time()
+
+    def last_write_at(self, collection_id: str) -> float:
+        return max(self._ended_at.get(collection_id, float("-inf")), self._global_at)
 
     def seq(self, collection_id: str) -> int:
         return self._done.get(collection_id, 0) + self._global
@@ -58,6 +73,7 @@ def replica_may_answer(
     level: Level,
     *,
     covers_seq: int,
+    cut_at: float,
     tracker: WriteTracker,
     collection_id: str,
     age_s: float,
@@ -71,4 +87,8 @@ def replica_may_answer(
         return False
     if level is Level.BOUNDED:
         return True
-    return covers_seq >= tracker.seq(collection_id) and not tracker.busy(collection_id)
+    if tracker.busy(collection_id):
+        return False
+    if covers_seq >= tracker.seq(collection_id):
+        return True
+    return cut_at > tracker.last_write_at(collection_id) + CLOCK_MARGIN_S

@@ -8,7 +8,11 @@
      ├── Overloaded                    503  shed by admission control (with Retry-After)
      ├── RateLimited                   429  over the tenant's request rate (with Retry-After)
      ├── RequestTooLarge               413  body over max_body_bytes
-     └── BadRequest                    400  a proxy-specific header is invalid
+     ├── BadRequest                    400  a proxy-specific header or admin request is invalid
+     ├── Unauthorized                  401  admin API without the right token
+     ├── Forbidden                     403  admin API switched off (no admin_token)
+     ├── NotFound                      404  an admin request names an unknown collection
+     └── Conflict                      409  an admin request this role cannot carry out
 
 The body is always Chroma's error shape, ``{"error": NAME, "message": TEXT}``, so unmodified
 clients raise a typed exception (the Python client maps ``error`` names it knows, e.g.
@@ -81,6 +85,28 @@ class RequestTooLarge(ProxyError):
 class BadRequest(ProxyError):
     status = 400
     error_name = "InvalidArgumentError"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    error_name = "AuthError"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="replica-proxy admin"'}
+
+
+class Forbidden(ProxyError):
+    status = 403
+    error_name = "AuthError"
+
+
+class NotFound(ProxyError):
+    status = 404
+    error_name = "NotFoundError"
+
+
+class Conflict(ProxyError):
+    status = 409
 
 
 def error_body(name: str, message: str) -> bytes:

@@ -15,6 +15,8 @@ from .forward import forward
 from .routes import RouteClass
 from .state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE
 
+LOADING = "loading replicas from the snapshot store"
+
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path but the ops endpoints: writes, reads a replica may answer, the rest."""
@@ -52,12 +54,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready for traffic: not draining, and the primary answers or replicas can serve reads
-    without it ("degraded": a load balancer should keep sending reads here)."""
-    state = request.app[STATE]
-    replicas = len(request.app[ROUTER].replicas)
+    """Ready for traffic: not draining, the snapshot store's replicas are loaded, and the
+    primary answers or replicas can serve reads without it ("degraded": a load balancer
+    should keep sending reads here)."""
+    state, router = request.app[STATE], request.app[ROUTER]
+    replicas = len(router.replicas)
     reason = state.not_ready_reason()
-    degraded = reason == PRIMARY_DOWN and replicas > 0
+    if reason is None and request.app[CONFIG].replicas and not router.scheduler.ready:
+        reason = LOADING  # a rolling update must not send traffic before the replicas serve
+    degraded = reason == PRIMARY_DOWN and replicas > 0 and router.scheduler.ready
     ready = reason is None or degraded
     body: dict[str, object] = {
         "ready": ready,

@@ -6,6 +6,8 @@ never clash on global registration.
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +18,9 @@ from .routes import Route, RouteClass
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+
+LAG_WINDOW_S = 10
 
 
 class Metrics:
@@ -106,6 +111,36 @@ class Metrics:
         self.queue_depth = Gauge(
             "replica_proxy_search_queue_depth", "Local searches waiting for a slot.", registry=r
         )
+
+        self.loop_lag = Histogram(
+            "replica_proxy_event_loop_lag_seconds",
+            "How late the event loop woke up for a 5 ms timer: time no request could progress.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "replica_proxy_event_loop_lag_max_seconds",
+            f"Longest event loop stall in the last {LAG_WINDOW_S} seconds.",
+            registry=r,
+        )
+        self.loop_lag_max.set_function(self.recent_max_lag)
+        self._lag_seconds: deque[tuple[int, float]] = deque()  # (second, max lag in it)
+
+    def on_loop_lag(self, lag: float) -> None:
+        self.loop_lag.observe(lag)
+        second = int(time.monotonic())
+        lags = self._lag_seconds
+        if lags and lags[-1][0] == second:
+            if lag > lags[-1][1]:
+                lags[-1] = (second, lag)
+        else:
+            lags.append((second, lag))
+            while lags[0][0] <= second - LAG_WINDOW_S:
+                lags.popleft()
+
+    def recent_max_lag(self) -> float:
+        horizon = int(time.monotonic()) - LAG_WINDOW_S
+        return max((lag for second, lag in self._lag_seconds if second > horizon), default=0.0)
 
     def observe(self, route: Route, status: str, source: str, seconds: float) -> None:
         """Count one finished request and its latency. The labelled children are memoised:

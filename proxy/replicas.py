@@ -20,6 +20,7 @@ from aiohttp import web
 
 from index.holder import ReplicaSet
 from index.replica import ReplicaIndex
+from sync.follower import StoreFollower
 from sync.scheduler import RebuildScheduler
 
 from .config import Config
@@ -34,6 +35,8 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 # Do not ask the primary again for a collection it just said does not exist.
 _MISSING_TTL_S = 30.0
 T = TypeVar("T")
+# Where replicas come from: this process' own builds, or a builder's store (role replica).
+ReplicaSource = RebuildScheduler | StoreFollower
 
 
 @dataclass(slots=True)
@@ -46,7 +49,7 @@ class WriteToken:
 
 class ReplicaRouter:
     def __init__(
-        self, config: Config, scheduler_factory: Callable[[ReplicaRouter], RebuildScheduler]
+        self, config: Config, scheduler_factory: Callable[[ReplicaRouter], ReplicaSource]
     ) -> None:
         self.config = config
         self.replicas = ReplicaSet()
@@ -103,6 +106,7 @@ class ReplicaRouter:
         return replica_may_answer(
             level,
             covers_seq=replica.covers_write_seq,
+            cut_at=replica.manifest.created_at,
             tracker=self.tracker,
             collection_id=replica.collection_id,
             age_s=replica.age_s(),

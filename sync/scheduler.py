@@ -7,6 +7,9 @@ untouched and is retried with backoff. Rebuilds are requested on demand (a read 
 without a replica), after writes this proxy forwarded (debounced), and when a replica is older
 than refresh_interval_s. One rebuild runs at a time: on a small machine a second one would only
 compete with the first and with serving.
+
+In the `builder` role (serve=False) the same loop publishes snapshots for `replica` processes
+(sync/follower.py) and keeps none in memory.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,19 +28,14 @@ import orjson
 
 from index.errors import SnapshotError
 from index.holder import ReplicaSet
-from index.replica import ReplicaIndex
-from index.snapshot import generations, prune
+from index.snapshot import Manifest, generations, prune, verify
 
-from .build import build_and_publish
+from .build import build_and_publish, open_snapshot
 from .export import Export, ExportChanged, PrimaryClient, export_collection
 
 log = logging.getLogger(__name__)
 
 EXPORT_ATTEMPTS = 3
-# A replica loaded from disk at start-up may miss writes made through an earlier process, so it
-# does not count as covering any of this process' writes (only bounded/eventual reads use it)
-# until its first rebuild here.
-COVERS_NOTHING = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +49,9 @@ class SyncSettings:
     debounce_s: float
     keep_snapshots: int
     retry_backoff_s: float = 5.0
+    serve: bool = True  # False in the builder role: publish only
+    validate: tuple[int, float] = (20, 0.5)  # (sample queries, recall@10 floor) before serving
+    poll_interval_s: float = 2.0  # replica role: how often the store is scanned
 
 
 BuildObserver = Callable[[str, float, int], None]  # (result, seconds, rows)
@@ -75,16 +77,17 @@ class RebuildScheduler:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._failures: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._built_at: dict[str, float] = {}  # collection id -> cut time of its newest snapshot
+        self._overrides: dict[str, dict[str, int]] = {}  # HNSW parameters set by an admin
         self.building: str | None = None
         self.last_error: str | None = None
+        self.ready = False  # the store's snapshots are loaded (readiness waits for this)
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> RebuildScheduler:
-        for replica in await asyncio.to_thread(self._load_store):
-            self._replicas.swap(replica)
-            model = replica.manifest.collection
-            self.request(replica.collection_id, model["tenant"], model["database"])
+        await self._load_store()
+        self.ready = True
         for coro in (self._worker(), self._ticker(), self.discover()):
             task = asyncio.create_task(coro)
             self._tasks.add(task)
@@ -102,9 +105,18 @@ class RebuildScheduler:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def request(self, collection_id: str, tenant: str, database: str) -> None:
-        """Build (or rebuild) a replica of the collection soon."""
+    def request(
+        self,
+        collection_id: str,
+        tenant: str,
+        database: str,
+        hnsw: dict[str, int] | None = None,
+    ) -> None:
+        """Build (or rebuild) a replica of the collection soon; ``hnsw`` sets new HNSW
+        parameters for this and later builds (the admin API's rebuild)."""
         self._where[collection_id] = (tenant, database)
+        if hnsw:
+            self._overrides[collection_id] = {**self._overrides.get(collection_id, {}), **hnsw}
         if collection_id not in self._queued and collection_id != self.building:
             self._queued.add(collection_id)
             self._queue.put_nowait(collection_id)
@@ -132,12 +144,27 @@ class RebuildScheduler:
             self.request(collection_id, *where)
 
     def forget(self, collection_id: str) -> None:
-        """The collection is gone: stop serving and stop rebuilding it."""
+        """The collection is gone: stop serving and rebuilding it, and delete its snapshots
+        (replica processes following the store then drop it too)."""
         self._where.pop(collection_id, None)
+        self._built_at.pop(collection_id, None)
+        self._overrides.pop(collection_id, None)
         timer = self._timers.pop(collection_id, None)
         if timer is not None:
             timer.cancel()
         self._replicas.drop(collection_id)
+        shutil.rmtree(self._settings.store / collection_id, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        """For the admin API: what is known, queued and being built."""
+        return {
+            "building": self.building,
+            "queued": sorted(self._queued),
+            "last_error": self.last_error,
+            "known": {cid: {"tenant": t, "database": d} for cid, (t, d) in self._where.items()},
+            "built_at": dict(self._built_at),
+            "hnsw_overrides": dict(self._overrides),
+        }
 
     # --- background loops -------------------------------------------------------------------
 
@@ -196,10 +223,9 @@ class RebuildScheduler:
         """Refresh replicas that are older than refresh_interval_s."""
         while True:
             await asyncio.sleep(1.0)
-            now = time.time()
-            for replica in self._replicas:
-                cid = replica.collection_id
-                if replica.age_s(now) > self._settings.refresh_interval_s and cid in self._where:
+            oldest = time.time() - self._settings.refresh_interval_s
+            for cid, built_at in list(self._built_at.items()):
+                if built_at < oldest and cid in self._where:
                     self.request(cid, *self._where[cid])
 
     def _failed(self, collection_id: str, exc: Exception) -> None:
@@ -234,30 +260,35 @@ class RebuildScheduler:
             raise RuntimeError(f"collection lookup answered {status}")
         model = orjson.loads(raw)
         export = await self._export(model)
+        s = self._settings
         replica = await asyncio.to_thread(
             build_and_publish,
             export,
-            self._settings.store,
+            s.store,
             self._client.base_url,
             covers,
-            self._settings.build_threads,
+            s.build_threads,
+            self._overrides.get(collection_id),
+            s.validate,
         )
         if collection_id not in self._where:  # deleted while we were building
             return
-        self._replicas.swap(replica)
+        self._built_at[collection_id] = replica.manifest.created_at
+        if s.serve:
+            self._replicas.swap(replica)
         seconds = time.monotonic() - started
         self._on_build("ok", seconds, replica.n)
         log.info(
-            "replica %s (%s) generation %d serving: %d rows, built in %.1fs",
+            "replica %s (%s) generation %d %s: %d rows, built in %.1fs",
             model["name"],
             collection_id,
             replica.generation,
+            "serving" if s.serve else "published",
             replica.n,
             seconds,
         )
-        await asyncio.to_thread(
-            prune, self._settings.store, collection_id, self._settings.keep_snapshots
-        )
+        del replica  # a builder keeps nothing in memory
+        await asyncio.to_thread(prune, s.store, collection_id, s.keep_snapshots)
 
     async def _export(self, model: dict[str, Any]) -> Export:
         for attempt in range(1, EXPORT_ATTEMPTS + 1):
@@ -271,21 +302,39 @@ class RebuildScheduler:
                 log.info("export changed under us (%s); exporting again", exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _load_store(self) -> list[ReplicaIndex]:
-        """Runs in a worker thread at start-up: the newest valid snapshot of each collection."""
+    async def _load_store(self) -> None:
+        """At start-up: the newest valid snapshot of each collection, loaded one at a time in
+        a worker thread and served at once; each is then rebuilt (it may be stale). A builder
+        only checks and notes what is there."""
         store = self._settings.store
-        if not store.is_dir():
-            return []
-        loaded = []
-        for directory in sorted(p for p in store.iterdir() if p.is_dir()):
-            for snapshot in generations(store, directory.name):
-                try:
-                    replica = ReplicaIndex.open(snapshot)
-                except (SnapshotError, OSError, RuntimeError, ValueError) as exc:
-                    log.error("refusing snapshot %s: %s", snapshot, exc)
-                    continue
-                # It may miss writes made through an earlier process: it covers none of ours.
-                replica.covers_write_seq = COVERS_NOTHING
-                loaded.append(replica)
-                break
-        return loaded
+        for snapshots in await asyncio.to_thread(newest_snapshots, store):
+            for snapshot in snapshots:
+                manifest = await self._open(snapshot)
+                if manifest is not None:
+                    cid, model = manifest.collection_id, manifest.collection
+                    self._built_at[cid] = manifest.created_at
+                    self.request(cid, model["tenant"], model["database"])
+                    break
+
+    async def _open(self, snapshot: Path) -> Manifest | None:
+        """Check (builder) or load and serve (standalone) one snapshot; None if refused."""
+        try:
+            if not self._settings.serve:
+                return await asyncio.to_thread(verify, snapshot)
+            replica = await asyncio.to_thread(open_snapshot, snapshot, self._settings.validate)
+        except (SnapshotError, OSError, RuntimeError, ValueError) as exc:
+            log.error("refusing snapshot %s: %s", snapshot, exc)
+            return None
+        self._replicas.swap(replica)
+        return replica.manifest
+
+
+def newest_snapshots(store: Path) -> list[list[Path]]:
+    """Per collection directory of the store, its published snapshots, newest first."""
+    if not store.is_dir():
+        return []
+    return [
+        generations(store, d.name)
+        for d in sorted(store.iterdir())
+        if d.is_dir() and not d.name.startswith(".")
+    ]

@@ -1,0 +1,200 @@
+"""The admin API under /admin/, behind admin_token (``Authorization: Bearer TOKEN``).
+
+    GET  /admin/status     role, readiness, every served replica (generation, age, rows,
+                           bytes, HNSW parameters), the builder's queue, loop stalls, RSS
+    POST /admin/rebuild    {"collection": ID or NAME, "tenant"?, "database"?, "hnsw"?: {"M",
+                           "ef_construction", "ef_search"}}: rebuild now, optionally with new
+                           HNSW parameters (kept for later rebuilds); 202. The new replica
+                           serves only after it validated (sync/build.py).
+    GET  /admin/snapshots  the snapshot store: every generation of every collection
+
+Errors use Chroma's JSON error shape like every other proxy error (proxy/errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import resource
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from index.snapshot import MANIFEST, Manifest
+from sync.scheduler import RebuildScheduler, newest_snapshots
+
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from .state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM
+
+# Accepted HNSW overrides and their sane ranges.
+_HNSW_LIMITS = {"M": (2, 128), "ef_construction": (1, 10_000), "ef_search": (1, 10_000)}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/status", status)
+    app.router.add_post("/admin/rebuild", rebuild)
+    app.router.add_get("/admin/snapshots", snapshots)
+    # Anything else under /admin/ is ours too: never forward it to the primary.
+    app.router.add_route("*", "/admin/{tail:.*}", unknown)
+
+
+def _authorize(request: web.Request) -> None:
+    token = request.app[CONFIG].admin_token
+    if token is None:
+        raise Forbidden("the admin API is off: set admin_token to use it")
+    sent = request.headers.get("Authorization", "")
+    scheme, _, value = sent.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+        raise Unauthorized("admin API: missing or wrong bearer token")
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(data, option=orjson.OPT_INDENT_2),
+        content_type="application/json",
+    )  # fmt: skip
+
+
+async def unknown(request: web.Request) -> web.Response:
+    _authorize(request)
+    raise NotFound(f"no admin endpoint {request.method} {request.path}")
+
+
+async def status(request: web.Request) -> web.Response:
+    _authorize(request)
+    app = request.app
+    router, config = app[ROUTER], app[CONFIG]
+    replicas = [_replica_status(r) for r in router.replicas]
+    return _json(
+        {
+            "role": config.role,
+            "ready": router.scheduler.ready,
+            "primary_up": app[STATE].primary_up,
+            "draining": app[STATE].draining,
+            "replicas": sorted(replicas, key=lambda r: (r["name"], r["collection_id"])),
+            "swaps": router.replicas.swaps,
+            "sync": router.scheduler.status(),
+            "event_loop_lag_max_s": app[METRICS].recent_max_lag(),
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_bytes": _rss_bytes(),
+        }
+    )
+
+
+def _replica_status(replica: Any) -> dict[str, Any]:
+    manifest: Manifest = replica.manifest
+    return {
+        "collection_id": replica.collection_id,
+        "name": manifest.collection["name"],
+        "tenant": manifest.collection["tenant"],
+        "database": manifest.collection["database"],
+        "generation": replica.generation,
+        "age_s": round(replica.age_s(), 3),
+        "rows": replica.n,
+        "bytes": sum(f["bytes"] for f in manifest.files.values()),
+        "space": manifest.space,
+        "hnsw": manifest.hnsw,
+        "directory": str(replica.directory),
+    }
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux
+        return 0
+
+
+async def rebuild(request: web.Request) -> web.Response:
+    _authorize(request)
+    scheduler = request.app[ROUTER].scheduler
+    if not isinstance(scheduler, RebuildScheduler) or not request.app[CONFIG].replicas:
+        raise Conflict(
+            f"role {request.app[CONFIG].role} does not build: ask the builder (or a standalone "
+            "proxy) to rebuild"
+        )
+    body = await _body(request)
+    collection = body.get("collection")
+    if not isinstance(collection, str) or not collection:
+        raise BadRequest('"collection" (a collection id or name) is required')
+    tenant = str(body.get("tenant", "default_tenant"))
+    database = str(body.get("database", "default_database"))
+    hnsw = _hnsw(body.get("hnsw"))
+    model = await _lookup(request, tenant, database, collection)
+    scheduler.request(model["id"], model["tenant"], model["database"], hnsw=hnsw)
+    return _json({"queued": model["id"], "name": model["name"], "hnsw": hnsw or None}, status=202)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _hnsw(value: object) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not set(value) <= set(_HNSW_LIMITS):
+        raise BadRequest(f'"hnsw" may only set {", ".join(_HNSW_LIMITS)}')
+    for key, v in value.items():
+        low, high = _HNSW_LIMITS[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise BadRequest(f'"hnsw.{key}" must be an integer in [{low}, {high}]')
+    return dict(value)
+
+
+async def _lookup(
+    request: web.Request, tenant: str, database: str, collection: str
+) -> dict[str, Any]:
+    """The collection's model from the primary, by id or by name."""
+    base = f"/api/v2/tenants/{tenant}/databases/{database}/collections"
+    upstream = request.app[UPSTREAM]
+    for path in (f"{base}/by-id/{collection}", f"{base}/{collection}"):
+        status, raw = await upstream.call_raw("GET", path)
+        if status == 200:
+            model: dict[str, Any] = orjson.loads(raw)
+            return model
+    raise NotFound(f"no collection {collection!r} in {tenant}/{database}")
+
+
+async def snapshots(request: web.Request) -> web.Response:
+    _authorize(request)
+    store = request.app[CONFIG].snapshot_path
+    serving = {r.collection_id: r.generation for r in request.app[ROUTER].replicas}
+    listing = await asyncio.to_thread(_list_store, store, serving)
+    return _json({"store": str(store), "collections": listing})
+
+
+def _list_store(store: Path, serving: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for snaps in newest_snapshots(store):
+        for snap in snaps:
+            out.setdefault(snap.parent.name, []).append(_snapshot_entry(snap, serving))
+    for cid in serving:
+        out.setdefault(cid, [])
+    return out
+
+
+def _snapshot_entry(snap: Path, serving: dict[str, int]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"generation": int(snap.name), "path": str(snap)}
+    try:
+        manifest = Manifest.from_json((snap / MANIFEST).read_bytes())
+    except (OSError, ValueError) as exc:  # listing must not fail on one bad snapshot
+        entry["error"] = str(exc)
+        return entry
+    entry.update(
+        name=manifest.collection["name"],
+        created_at=manifest.created_at,
+        rows=manifest.count,
+        bytes=sum(f["bytes"] for f in manifest.files.values()),
+        hnsw=manifest.hnsw,
+        serving=serving.get(manifest.collection_id) == manifest.generation,
+    )
+    return entry

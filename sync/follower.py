@@ -1,0 +1,130 @@
+"""StoreFollower: the `replica` role. Serves what a builder publishes; never exports.
+
+It scans the snapshot store every poll_interval_s. A collection whose newest published
+generation is newer than the one serving is verified (checksums, row counts), loaded and
+validated (recall against exact search) in a worker thread, then swapped in; requests in
+flight finish on the old replica. A snapshot that fails any check is refused once, logged and
+remembered, and the old generation keeps serving. A collection whose directory disappeared
+(the builder saw it deleted) stops being served.
+
+It has the scheduler's interface (proxy/replicas.py uses either), with no-ops where only a
+builder can act: a replica never asks the primary for anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from index.errors import SnapshotError
+from index.holder import ReplicaSet
+
+from .build import open_snapshot
+from .scheduler import SyncSettings, newest_snapshots
+
+log = logging.getLogger(__name__)
+
+
+class StoreFollower:
+    def __init__(self, replicas: ReplicaSet, settings: SyncSettings) -> None:
+        self._replicas = replicas
+        self._settings = settings
+        self._refused: set[Path] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.building: str | None = None  # the collection being loaded
+        self.last_error: str | None = None
+        self.ready = False
+        self.loads = 0
+
+    async def __aenter__(self) -> StoreFollower:
+        await self.scan()  # readiness waits for everything already in the store
+        self.ready = True
+        self._task = asyncio.create_task(self._poll(), name="store-follower")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # --- the scheduler's interface: a replica cannot build ----------------------------------
+
+    def request(self, collection_id: str, tenant: str, database: str, **_: Any) -> None:
+        pass
+
+    def wants(self, collection_id: str) -> bool:
+        return True  # never ask for on-demand builds
+
+    def notify_write(self, collection_id: str) -> None:
+        pass
+
+    def forget(self, collection_id: str) -> None:
+        # Deleted through this proxy: stop serving now; the builder removes the snapshots.
+        self._replicas.drop(collection_id)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "building": self.building,
+            "last_error": self.last_error,
+            "refused": sorted(str(p) for p in self._refused),
+            "loads": self.loads,
+        }
+
+    # --- following the store ----------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.poll_interval_s)
+            try:
+                await self.scan()
+            except Exception as exc:  # e.g. the shared volume went away; keep serving
+                self.last_error = f"store scan: {exc}"
+                log.exception("scanning the snapshot store failed")
+
+    async def scan(self) -> None:
+        found = await asyncio.to_thread(newest_snapshots, self._settings.store)
+        present = set()
+        for snapshots in found:
+            if snapshots:
+                present.add(snapshots[0].parent.name)
+            for snapshot in snapshots:
+                if await self._consider(snapshot):
+                    break
+        for replica in self._replicas:
+            if replica.collection_id not in present:
+                log.info("collection %s left the store; no longer served", replica.collection_id)
+                self._replicas.drop(replica.collection_id)
+
+    async def _consider(self, snapshot: Path) -> bool:
+        """True when ``snapshot`` (or something newer) serves; False to try an older one."""
+        serving = self._replicas.get(snapshot.parent.name)
+        if serving is not None and serving.generation >= int(snapshot.name):
+            return True
+        if snapshot in self._refused:
+            return False
+        self.building = snapshot.parent.name
+        try:
+            replica = await asyncio.to_thread(open_snapshot, snapshot, self._settings.validate)
+        except (SnapshotError, OSError, RuntimeError, ValueError) as exc:
+            if not await asyncio.to_thread(snapshot.exists):  # pruned by the builder meanwhile
+                return False
+            self._refused.add(snapshot)
+            self.last_error = f"refused {snapshot}: {exc}"
+            log.error("refusing snapshot %s (still serving the previous one): %s", snapshot, exc)
+            return False
+        finally:
+            self.building = None
+        self._replicas.swap(replica)
+        self.loads += 1
+        log.info(
+            "replica %s (%s) generation %d serving: %d rows",
+            replica.manifest.collection["name"],
+            replica.collection_id,
+            replica.generation,
+            replica.n,
+        )
+        return True

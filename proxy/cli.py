@@ -1,7 +1,9 @@
-"""The `replica-proxy` command: `serve` runs the proxy, `config-docs` prints the config table.
+"""The `replica-proxy` command: `serve` runs the proxy, `config-docs` prints the config table,
+`backup`, `verify` and `restore` handle backups (sync/backup.py).
 
 Exit codes: 0 clean shutdown, 1 start-up failure (e.g. the embedded primary did not start),
-2 bad command line or configuration (one line on stderr naming the key).
+2 bad command line or configuration (one line on stderr naming the key). The backup commands
+exit 1 when the backup, verify or restore failed (one line on stderr saying why).
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import FIELDS, Config, ConfigError, docs_table, env_name, field_type, flag_name, load
 from .embedded import EmbeddedPrimaryError
 
 PROG = "replica-proxy"
+BACKUP_COMMANDS = ("backup", "verify", "restore")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,11 +62,74 @@ def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
             )
 
 
+def _backup_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    backup = sub.add_parser(
+        "backup",
+        help="export collections from a primary into snapshots under DIR",
+        description="Export collections and publish each as a snapshot under --out, in the "
+        "snapshot store's layout (DIR/<collection id>/<generation>/). Default: every "
+        "collection of default_tenant/default_database.",
+    )
+    backup.add_argument("--primary", required=True, metavar="URL", help="the Chroma server")
+    backup.add_argument("--out", required=True, metavar="DIR", help="where snapshots go")
+    backup.add_argument(
+        "--database", action="append", metavar="TENANT/DB", help="a database to back up (repeat)"
+    )
+    backup.add_argument(
+        "--collection", action="append", metavar="NAME", help="only this collection (repeat)"
+    )
+    verify = sub.add_parser(
+        "verify",
+        help="check the newest snapshot of every collection in DIR",
+        description="Checksums, row counts and recall@10 of HNSW against exact search, with "
+        "stored vectors as queries. Exit 1 if any snapshot fails.",
+    )
+    verify.add_argument("dir", metavar="DIR")
+    verify.add_argument(
+        "--queries", type=int, default=20, metavar="N", help="sample queries per collection (20)"
+    )
+    restore = sub.add_parser(
+        "restore",
+        help="load the snapshots in DIR into a primary, then check it",
+        description="Create each collection (same name, metadata, configuration) on the "
+        "primary, add its records, and check records and query answers against the snapshot. "
+        "Refuses, before writing anything, if a collection exists there and is not empty.",
+    )
+    restore.add_argument("dir", metavar="DIR")
+    restore.add_argument("--primary", required=True, metavar="URL", help="the Chroma server")
+    restore.add_argument(
+        "--collection", action="append", metavar="NAME", help="only this collection (repeat)"
+    )
+    restore.add_argument(
+        "--queries", type=int, default=20, metavar="N", help="queries checked per collection (20)"
+    )
+
+
+def _run_backup_command(command: str, args: dict[str, Any]) -> int:
+    try:
+        if args.get("primary") is not None:
+            Config(primary_url=args["primary"])  # the same URL check as serve's --primary
+    except ConfigError as exc:
+        print(f"{PROG} {command}: error: --primary: {exc}", file=sys.stderr)
+        return 2
+    defaults = Config()
+    args.update(
+        page_rows=defaults.export_page_rows,
+        concurrency=defaults.export_concurrency,
+        threads=defaults.build_threads,
+    )
+    configure_logging("info")
+    from sync.backup import run  # imported late: `--help` stays fast
+
+    return run(command, args)
+
+
 def parser() -> _Parser:
     top = _Parser(prog=PROG, description="Read-replica caching proxy for Chroma.")
     top.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _serve_parser(sub)
+    _backup_parsers(sub)
     docs = sub.add_parser("config-docs", help="print the configuration table (Markdown)")
     docs.add_argument(
         "--update", metavar="FILE", help="replace the table in FILE (the README) instead"
@@ -102,6 +168,8 @@ def _run(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     command = args.pop("command")
+    if command in BACKUP_COMMANDS:
+        return _run_backup_command(command, args)
     if command == "config-docs":
         if args["update"]:
             update_docs(Path(args["update"]))

@@ -141,14 +141,14 @@ class ReplicaIndex:
         if k == 0:
             return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
         if allowed is None:
-            return self._hnsw(queries, k) or self._exact(
+            return self.search_hnsw(queries, k) or self._exact(
                 queries, k, np.arange(self.n, dtype=np.int64)
             )
         if candidates <= max(exact_max_rows, EXACT_SHARE * self.n):
             return self._exact(queries, k, np.flatnonzero(allowed))
         return self._filtered_hnsw(queries, k, allowed)
 
-    def _hnsw(self, queries: Vectors, k: int) -> list[tuple[Rows, npt.NDArray[np.float32]]]:
+    def search_hnsw(self, queries: Vectors, k: int) -> list[tuple[Rows, npt.NDArray[np.float32]]]:
         """HNSW search; [] when hnswlib cannot find k neighbours (k close to the row count
         on a sparse graph), so the caller falls back to exact search."""
         try:
@@ -227,7 +227,7 @@ class ReplicaIndex:
         rows = np.unique(np.linspace(0, self.n - 1, min(queries, self.n)).astype(np.int64))
         sample = np.asarray(self.vectors[rows], dtype=np.float32)
         k = min(10, self.n)
-        found = self._hnsw(sample, k)
+        found = self.search_hnsw(sample, k)
         if not found:
             raise ValidationFailed(f"{self.directory}: HNSW cannot return {k} neighbours")
         exact = _brute_top(self.manifest.space, np.asarray(self.vectors), sample, k)

@@ -19,11 +19,12 @@ from .errors import Overloaded, RateLimited
 
 class SearchGate:
     """Bounds local searches: ``slots`` run at once (one per search thread), up to
-    ``queue_max`` more wait in the search pool's FIFO queue, and anything beyond is refused at
-    once. A queued search that waited longer than ``timeout_s`` is refused when its turn comes,
-    before any work is done. The waiting happens in the thread pool's own queue rather than in
-    event-loop futures: handing a slot over through the loop left the search threads idle
-    until the loop got round to it (about 12% of throughput, measured with bench/guards.py)."""
+    ``queue_max`` more wait in the search queue (proxy/batching.py), and anything beyond is
+    refused at once. A queued search that waited longer than ``timeout_s`` is refused when its
+    turn comes, before any work is done. The search threads take queued work themselves rather
+    than through event-loop callbacks: handing a slot over through the loop left them idle
+    until the loop got round to it (about 12% of throughput, measured with bench/guards.py).
+    (With batching, a "slot" runs a batch: up to search_batch_max stacked queries.)"""
 
     def __init__(self, slots: int, queue_max: int, timeout_s: float, retry_after_s: int) -> None:
         self.slots = slots

@@ -50,8 +50,10 @@ def build_app(config: Config, primary_url: str) -> web.Application:
     app[METRICS] = metrics
     app[STATE] = ProxyState()
     app[UPSTREAM] = Upstream(primary_url, config, metrics)
-    app[GUARDS] = Guards.from_config(config, metrics)
-    app[ROUTER] = ReplicaRouter(config, lambda router: _replica_source(app, router))
+    app[GUARDS] = guards = Guards.from_config(config, metrics)
+    app[ROUTER] = ReplicaRouter(
+        config, lambda router: _replica_source(app, router), guards.gate.check_deadline
+    )
     # Started in this order, stopped in reverse: the scheduler needs the upstream session.
     app.cleanup_ctx.extend(
         [_loop_lag_ctx, _upstream_ctx, _heartbeat_ctx, _sample_ctx, _replicas_ctx]

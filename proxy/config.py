@@ -183,6 +183,11 @@ class Config:
         "do not count.",
         0,
     )
+    search_batch_max: int = _key(
+        "Most queued unfiltered queries of one collection answered by one hnswlib call "
+        "(batches form only while every search thread is busy; 1 = never batch).",
+        16,
+    )
     search_queue_max: int = _key(
         "Local searches that may wait for a slot; beyond, requests get 503 at once.", 256
     )
@@ -243,6 +248,7 @@ class Config:
             "breaker_open_s",
             "retry_after_s",
             "store_poll_interval_s",
+            "search_batch_max",
         ):
             _check_positive(name, getattr(self, name))
         for name in (

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from index.columns import Mask
 from index.errors import NotLocal
 from index.filters import Filter, parse_where, parse_where_document
 from index.replica import ReplicaIndex, Rows
@@ -153,16 +154,39 @@ def answer_get(replica: ReplicaIndex, body: dict[str, Any]) -> bytes:
     return orjson.dumps(out, option=_DUMPS)
 
 
+@dataclass(frozen=True, slots=True)
+class QueryPlan:
+    """A parsed query: what to search for and how to shape the answer."""
+
+    include: list[str]
+    k: int
+    queries: np.ndarray[Any, np.dtype[np.float32]]
+    allowed: Mask | None
+
+
+SearchResults = list[tuple[Rows, np.ndarray[Any, np.dtype[np.float32]]]]
+
+
 def answer_query(
     replica: ReplicaIndex, body: dict[str, Any], may_hold_bools: bool, exact_max_rows: int
 ) -> bytes:
+    plan = plan_query(replica, body, may_hold_bools)
+    return encode_query(replica, plan, replica.search(plan.queries, plan.k, plan.allowed,
+                                                      exact_max_rows))  # fmt: skip
+
+
+def plan_query(replica: ReplicaIndex, body: dict[str, Any], may_hold_bools: bool) -> QueryPlan:
     include = _include(body, QUERY_DEFAULT_INCLUDE)
     k = _count(body.get("n_results"), "n_results")
     if k is None:
         raise NotLocal("n_results missing")
     queries = _query_vectors(body.get("query_embeddings"), replica, may_hold_bools)
     allowed = replica.mask(_ids(body.get("ids")), _filters(body))
-    results = replica.search(queries, k, allowed, exact_max_rows)
+    return QueryPlan(include, k, queries, allowed)
+
+
+def encode_query(replica: ReplicaIndex, plan: QueryPlan, results: SearchResults) -> bytes:
+    include = plan.include
     per_query = [_columns(replica, rows, include) for rows, _ in results]
     out: dict[str, Any] = {
         "ids": [[replica.records.ids[r] for r in rows.tolist()] for rows, _ in results]

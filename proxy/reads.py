@@ -21,13 +21,12 @@ from index.errors import NotLocal
 from index.replica import ReplicaIndex
 
 from . import local
-from .admission import SearchGate
 from .cache import Cached
 from .consistency import Level
 from .errors import Overloaded, UpstreamError
 from .forward import forward, forward_buffered, read_body
 from .routes import Route
-from .state import CONFIG, GUARDS, METRICS, ROUTE, ROUTER, SOURCE, STATE, UPSTREAM
+from .state import GUARDS, METRICS, ROUTE, ROUTER, SOURCE, STATE, UPSTREAM
 from .upstream import Breaker
 
 log = logging.getLogger(__name__)
@@ -123,10 +122,7 @@ async def _answer(
         admission.labels("queued" if queued else "admitted").inc()
         guards.metrics.queue_depth.set(gate.queued)
         try:
-            exact_max_rows = request.app[CONFIG].exact_search_max_rows
-            return await router.run(
-                _search, gate, time.monotonic(), replica, prepared, exact_max_rows
-            )
+            return await router.batcher.submit(replica, prepared, time.monotonic())
         except Overloaded as exc:
             admission.labels(exc.reason).inc()
             raise
@@ -140,18 +136,6 @@ async def _answer(
         cache.put(key, Cached(200, body, key_bytes=len(prepared.digest)))
         cache.put(exact, Cached(200, body, key_bytes=len(raw)))
     return body, "replica"
-
-
-def _search(
-    gate: SearchGate,
-    admitted_at: float,
-    replica: ReplicaIndex,
-    prepared: local.Prepared,
-    exact_max_rows: int,
-) -> bytes:
-    """In a search thread: refuse if the wait was too long, else compute."""
-    gate.check_deadline(admitted_at)
-    return local.answer(replica, prepared, exact_max_rows)
 
 
 async def forwarded_read(request: web.Request) -> web.StreamResponse:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 from aiohttp import web
 
@@ -23,6 +22,7 @@ from index.replica import ReplicaIndex
 from sync.follower import StoreFollower
 from sync.scheduler import RebuildScheduler
 
+from .batching import SearchBatcher
 from .config import Config
 from .consistency import Level, WriteTracker, replica_may_answer
 from .errors import BadRequest
@@ -34,7 +34,6 @@ CONSISTENCY_HEADER = "X-Proxy-Consistency"
 _UUID = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 # Do not ask the primary again for a collection it just said does not exist.
 _MISSING_TTL_S = 30.0
-T = TypeVar("T")
 # Where replicas come from: this process' own builds, or a builder's store (role replica).
 ReplicaSource = RebuildScheduler | StoreFollower
 
@@ -49,7 +48,10 @@ class WriteToken:
 
 class ReplicaRouter:
     def __init__(
-        self, config: Config, scheduler_factory: Callable[[ReplicaRouter], ReplicaSource]
+        self,
+        config: Config,
+        scheduler_factory: Callable[[ReplicaRouter], ReplicaSource],
+        check_deadline: Callable[[float], None],
     ) -> None:
         self.config = config
         self.replicas = ReplicaSet()
@@ -60,13 +62,16 @@ class ReplicaRouter:
             max_workers=config.search_slots, thread_name_prefix="replica-search"
         )
         self._missing: dict[str, float] = {}
+        self.batcher = SearchBatcher(
+            self.executor,
+            config.search_slots,
+            config.search_batch_max,
+            config.exact_search_max_rows,
+            check_deadline,
+        )
 
     async def close(self) -> None:
         await asyncio.to_thread(self.executor.shutdown, wait=True)
-
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a replica computation off the event loop (searches release the GIL)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # --- reads --------------------------------------------------------------------------------
 

@@ -282,7 +282,7 @@ def sample_recall(replica: ReplicaIndex, queries: int) -> tuple[float, int]:
         return 1.0, 0
     k = min(RECALL_K, replica.n)
     vectors = replica.embeddings(rows)
-    approx = replica._hnsw(vectors, k)
+    approx = replica.search_hnsw(vectors, k)
     if not approx:  # hnswlib could not find k neighbours at all
         return 0.0, len(rows)
     everything = np.arange(replica.n, dtype=np.int64)

@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml vendor/hnswlib/* | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: run test lint docs venv js clean
+.PHONY: run test lint docs venv js haproxy clean
 
 venv: $(STAMP)
 
@@ -42,7 +42,24 @@ $(JS_STAMP): tests/js/package-lock.json
 	npm ci --prefix tests/js --no-audit --no-fund --silent
 	@touch $@
 
-test: lint js
+# The rolling-restart test puts the proxies behind a real haproxy (Debian's package; /usr/sbin
+# is not on every PATH, the test looks there too); without it (no apt-get, or not root) that
+# test is skipped and says so.
+haproxy:
+	@if command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "haproxy not found and no apt-get: the rolling-restart test will be skipped"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "haproxy not found and not root (apt-get install haproxy): the rolling-restart test will be skipped"; \
+	else \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends haproxy >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null \
+			&& apt-get install -y -qq --no-install-recommends haproxy >/dev/null; } \
+		|| echo "installing haproxy failed: the rolling-restart test will be skipped"; \
+	fi
+
+test: lint js haproxy
 	$(BIN)/python -m pytest $(ARGS)
 
 # Regenerate the README's configuration table from the code.

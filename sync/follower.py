@@ -40,9 +40,9 @@ class StoreFollower:
         self.loads = 0
 
     async def __aenter__(self) -> StoreFollower:
-        await self.scan()  # readiness waits for everything already in the store
-        self.ready = True
-        self._task = asyncio.create_task(self._poll(), name="store-follower")
+        # In the background, so the server listens (and /healthz answers) while a large store
+        # loads; /readyz says "loading" until everything already in the store serves.
+        self._task = asyncio.create_task(self._follow(), name="store-follower")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -76,14 +76,19 @@ class StoreFollower:
 
     # --- following the store ----------------------------------------------------------------
 
-    async def _poll(self) -> None:
+    async def _follow(self) -> None:
+        await self._scan_logged()
+        self.ready = True  # even if the store was unreadable: the primary can still answer
         while True:
             await asyncio.sleep(self._settings.poll_interval_s)
-            try:
-                await self.scan()
-            except Exception as exc:  # e.g. the shared volume went away; keep serving
-                self.last_error = f"store scan: {exc}"
-                log.exception("scanning the snapshot store failed")
+            await self._scan_logged()
+
+    async def _scan_logged(self) -> None:
+        try:
+            await self.scan()
+        except Exception as exc:  # e.g. the shared volume went away; keep serving
+            self.last_error = f"store scan: {exc}"
+            log.exception("scanning the snapshot store failed")
 
     async def scan(self) -> None:
         found = await asyncio.to_thread(newest_snapshots, self._settings.store)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,13 +86,25 @@ class RebuildScheduler:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> RebuildScheduler:
-        await self._load_store()
+        # In the background: the server listens (and /healthz answers) while the store loads;
+        # /readyz says "loading" until it is done.
+        self._spawn(self._start())
+        return self
+
+    async def _start(self) -> None:
+        try:
+            await self._load_store()
+        except Exception as exc:  # an unreadable store: serve what the primary has
+            self.last_error = f"loading the snapshot store: {exc}"
+            log.exception("loading the snapshot store failed")
         self.ready = True
         for coro in (self._worker(), self._ticker(), self.discover()):
-            task = asyncio.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return self
+            self._spawn(coro)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def __aexit__(self, *exc_info: object) -> None:
         for timer in self._timers.values():

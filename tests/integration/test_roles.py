@@ -163,7 +163,9 @@ def _replica_checks(
         httpx.Client(base_url=builder.url, timeout=30) as b,
         httpx.Client(base_url=replica.url, timeout=30) as r,
     ):
-        assert r.get("/readyz").status_code == 200  # the store's replica is loaded
+        # The server listens at once and is ready once the store's replica is loaded.
+        assert r.get("/healthz").status_code == 200
+        wait_until(lambda: r.get("/readyz").status_code == 200, 30, "replica ready")
         first = _generation(r, cid)
         assert first == int(generations(store, cid)[0].name)
         # The builder serves nothing itself: its reads go to the primary.

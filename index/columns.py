@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,3 +177,6 @@ class Columns:
 
     def __getitem__(self, key: str) -> Column:
         return self._columns.get(key, self._empty)
+
+    def __iter__(self) -> Iterator[Column]:
+        return iter(list(self._columns.values()))

@@ -1,40 +1,19 @@
 """ReplicaSet: the serving replica of each collection, swapped by rebinding one reference.
 
 A request reads a collection's replica once and uses that object to the end, so a swap never
-changes data under a request in flight; the old replica is freed when its last reader is done
-(plain reference counting). Only the event loop thread mutates the set.
+changes data under a request in flight. Only the event loop thread mutates the set.
 
-When a replaced replica is finally freed, the C heap is trimmed: hnswlib's per-node link lists
-and Python's small objects leave freed memory that glibc keeps (and RSS counts) otherwise.
+A replaced replica goes to the reaper (index/reaper.py), which frees it in a thread of its own
+once the last request using it is done: freeing 100k rows' objects on the event loop would stall
+every reader for tens of milliseconds.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import threading
-import weakref
 from collections.abc import Iterator
 
+from .reaper import REAPER
 from .replica import ReplicaIndex
-
-
-def _load_malloc_trim() -> ctypes._NamedFuncPointer | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def _release_memory() -> None:
-    # In a thread of its own: trimming a large heap takes milliseconds, and the last
-    # reference may well be dropped on the event loop thread.
-    if _malloc_trim is not None:
-        threading.Thread(target=_malloc_trim, args=(0,), name="malloc-trim", daemon=True).start()
 
 
 class ReplicaSet:
@@ -89,4 +68,4 @@ class ReplicaSet:
 
 def _release_when_freed(replica: ReplicaIndex | None) -> None:
     if replica is not None:
-        weakref.finalize(replica, _release_memory)
+        REAPER.retire(replica)

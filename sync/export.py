@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -88,11 +87,14 @@ async def export_collection(
 
     pages = await asyncio.gather(*(page(o) for o in range(0, count, page_rows)))
     after = int(await call(client, "GET", path + "/count"))
-    vectors, records = _concatenate(pages, model.get("dimension"))
-    if after != count or len(records.ids) != count or len(set(records.ids)) != count:
+    # Off the event loop: joining 150 MB of pages and hashing 100k ids held it for ~0.4 s.
+    vectors, records, distinct = await asyncio.to_thread(
+        _concatenate, pages, model.get("dimension")
+    )
+    if after != count or len(records.ids) != count or distinct != count:
         raise ExportChanged(
             f"{model['name']}: count {count} -> {after}, received {len(records.ids)} rows "
-            f"({len(set(records.ids))} distinct) while exporting"
+            f"({distinct} distinct) while exporting"
         )
     progress.done()
     return Export(model, vectors, records, started, time.time() - started)
@@ -115,17 +117,28 @@ def _decode_page(raw: bytes, dimension: int | None) -> tuple[Vectors, Records]:
 
 
 def _concatenate(
-    pages: Sequence[tuple[Vectors, Records]], dimension: int | None
-) -> tuple[Vectors, Records]:
+    pages: list[tuple[Vectors, Records]], dimension: int | None
+) -> tuple[Vectors, Records, int]:
+    """Blocking: all pages as one array and one Records, and the number of distinct ids.
+
+    Copies page by page rather than with one np.concatenate, so the GIL passes back to the
+    event loop between pages instead of being held for the whole join; and empties ``pages``
+    as it goes, so the page arrays are freed here, not on the event loop."""
     records = Records([], [], [], [])
     for _, page in pages:
         records.ids += page.ids
         records.documents += page.documents
         records.uris += page.uris
         records.metadatas += page.metadatas
-    if not pages:
-        return np.empty((0, dimension or 0), np.float32), records
-    return np.concatenate([v for v, _ in pages]), records
+    width = pages[0][0].shape[1] if pages and pages[0][0].ndim == 2 else dimension or 0
+    vectors = np.empty((len(records.ids), width), np.float32)
+    row = 0
+    pages.reverse()
+    while pages:
+        page_vectors, _ = pages.pop()
+        vectors[row : row + len(page_vectors)] = page_vectors
+        row += len(page_vectors)
+    return vectors, records, len(set(records.ids))
 
 
 class _Progress:

@@ -37,10 +37,16 @@ class SearchGate:
     def queued(self) -> int:
         return max(0, self.admitted - self.slots)
 
-    def enter(self) -> bool:
-        """Admit a search (True if it will have to queue) or raise Overloaded at once."""
+    def refuse_if_full(self) -> None:
+        """Raise Overloaded at once when no search can be admitted. Called before a request
+        is parsed too: under overload most requests are refused, and parsing and hashing a
+        query costs the event loop a fifth of what serving it does (py-spy, bench/guards.py)."""
         if self.admitted >= self.slots + self.queue_max:
             raise Overloaded("search queue full", self.retry_after_s, reason="queue_full")
+
+    def enter(self) -> bool:
+        """Admit a search (True if it will have to queue) or raise Overloaded at once."""
+        self.refuse_if_full()
         self.admitted += 1
         return self.admitted > self.slots
 

@@ -156,6 +156,8 @@ def configure_logging(level: str) -> None:
 def _run(config: Config) -> None:
     from .server import serve  # imported late: `config-docs` and `--help` stay fast
 
+    sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows

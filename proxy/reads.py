@@ -105,6 +105,11 @@ async def _answer(
     if cache is not None and (hit := cache.get(exact)) is not None:
         guards.metrics.cache_hit.inc()
         return hit.body, "cache"
+    try:
+        guards.gate.refuse_if_full()  # before parsing: see SearchGate.refuse_if_full
+    except Overloaded as exc:
+        guards.metrics.admission.labels(exc.reason).inc()
+        raise
     prepared = local.prepare(route.op, raw, request.rel_url.query, route.tenant, route.database)
     key = (*base, prepared.digest)
     if cache is not None and (hit := cache.get(key)) is not None:

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from index.reaper import REAPER
 from index.snapshot import MANIFEST, Manifest
 from sync.scheduler import RebuildScheduler, newest_snapshots
 
@@ -75,6 +76,7 @@ async def status(request: web.Request) -> web.Response:
             "draining": app[STATE].draining,
             "replicas": sorted(replicas, key=lambda r: (r["name"], r["collection_id"])),
             "swaps": router.replicas.swaps,
+            "retired": REAPER.pending,
             "sync": router.scheduler.status(),
             "event_loop_lag_max_s": app[METRICS].recent_max_lag(),
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

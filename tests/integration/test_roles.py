@@ -111,6 +111,8 @@ def test_ten_hot_swaps_under_load_lose_nothing(
             stop.set()
             for t in threads:
                 t.join(30)
+            # Every replaced replica is freed once no request holds it: none leaks.
+            wait_until(lambda: _status(admin)["retired"] == 0, 30, "old replicas freed")
             status = _status(admin)
     finally:
         stop.set()

@@ -126,7 +126,9 @@ async def rebuild(request: web.Request) -> web.Response:
     database = str(body.get("database", "default_database"))
     hnsw = _hnsw(body.get("hnsw"))
     model = await _lookup(request, tenant, database, collection)
-    scheduler.request(model["id"], model["tenant"], model["database"], hnsw=hnsw)
+    scheduler.request(
+        model["id"], model["tenant"], model["database"], hnsw=hnsw, even_if_building=True
+    )
     return _json({"queued": model["id"], "name": model["name"], "hnsw": hnsw or None}, status=202)
 
 

@@ -123,13 +123,18 @@ class RebuildScheduler:
         tenant: str,
         database: str,
         hnsw: dict[str, int] | None = None,
+        even_if_building: bool = False,
     ) -> None:
         """Build (or rebuild) a replica of the collection soon; ``hnsw`` sets new HNSW
-        parameters for this and later builds (the admin API's rebuild)."""
+        parameters for this and later builds (the admin API's rebuild). A build already
+        running satisfies the request unless ``even_if_building``: after a write, or an admin
+        rebuild, the running build's export may predate what was asked for, so it is queued
+        to run once more (dropping it left a replica missing a write until the next refresh)."""
         self._where[collection_id] = (tenant, database)
         if hnsw:
             self._overrides[collection_id] = {**self._overrides.get(collection_id, {}), **hnsw}
-        if collection_id not in self._queued and collection_id != self.building:
+        busy = collection_id == self.building and not even_if_building
+        if collection_id not in self._queued and not busy:
             self._queued.add(collection_id)
             self._queue.put_nowait(collection_id)
 
@@ -153,7 +158,7 @@ class RebuildScheduler:
         self._timers.pop(collection_id, None)
         where = self._where.get(collection_id)
         if where is not None:
-            self.request(collection_id, *where)
+            self.request(collection_id, *where, even_if_building=True)
 
     def forget(self, collection_id: str) -> None:
         """The collection is gone: stop serving and rebuilding it, and delete its snapshots

@@ -1,0 +1,36 @@
+"""Which rebuild requests a build already running satisfies, and which must queue another."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from index.holder import ReplicaSet
+from sync.scheduler import RebuildScheduler, SyncSettings
+
+
+def _scheduler(tmp_path: Path) -> RebuildScheduler:
+    settings = SyncSettings(
+        store=tmp_path, replicate=(), page_rows=250, export_concurrency=1, build_threads=1,
+        refresh_interval_s=60.0, debounce_s=0.0, keep_snapshots=2,
+    )  # fmt: skip
+    # Never started: no export runs, only the request bookkeeping is exercised.
+    return RebuildScheduler(None, ReplicaSet(), settings, write_seq=lambda cid: 0)  # type: ignore[arg-type]
+
+
+async def test_a_write_during_a_build_queues_another_build(tmp_path: Path) -> None:
+    scheduler = _scheduler(tmp_path)
+    scheduler.building = "c1"  # its export started before the write below
+    scheduler.request("c1", "t", "d")  # a refresh or discovery: the running build answers it
+    assert scheduler.status()["queued"] == []
+    scheduler.notify_write("c1")
+    await asyncio.sleep(0.05)  # the debounce (0 s) fires
+    assert scheduler.status()["queued"] == ["c1"]
+
+
+async def test_an_admin_rebuild_during_a_build_queues_another(tmp_path: Path) -> None:
+    scheduler = _scheduler(tmp_path)
+    scheduler.building = "c1"
+    scheduler.request("c1", "t", "d", hnsw={"ef_search": 50}, even_if_building=True)
+    scheduler.request("c1", "t", "d", even_if_building=True)  # queued once, not twice
+    assert scheduler.status()["queued"] == ["c1"]

@@ -103,6 +103,26 @@ def wrk(
     )
 
 
+def dataset(
+    rows: int, dim: int, queries: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The benchmarks' collection (200 clusters) and query vectors near random rows of it,
+    the same in every script for the same sizes."""
+    vectors = clustered(rows, dim, clusters=200, seed=7)
+    rng = np.random.default_rng(11)
+    picks = rng.choice(rows, size=queries, replace=False)
+    noise = rng.normal(scale=0.1, size=(queries, dim))
+    return vectors, (vectors[picks] + noise).astype(np.float32)
+
+
+def query_bodies(queries: npt.NDArray[np.float32]) -> list[str]:
+    """Top-10 query bodies, distances only (what the throughput benchmarks send)."""
+    return [
+        json.dumps({"query_embeddings": [q.tolist()], "n_results": 10, "include": ["distances"]})
+        for q in queries
+    ]
+
+
 def clustered(
     n: int, dim: int, clusters: int, seed: int, spread: float = 0.35
 ) -> npt.NDArray[np.float32]:

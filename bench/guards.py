@@ -32,7 +32,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.common import D, Proxy, call, clustered, dataset_args, write_report, wrk
+from bench.common import (
+    D,
+    Proxy,
+    call,
+    dataset,
+    dataset_args,
+    query_bodies,
+    write_report,
+    wrk,
+)
 from bench.replica import _ensure_loaded
 from proxy.embedded import free_port
 
@@ -52,12 +61,8 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 
 def main() -> None:
     args = _args()
-    vectors = clustered(args.rows, args.dim, clusters=200, seed=7)
-    rng = np.random.default_rng(11)
-    queries = (vectors[rng.choice(args.rows, 200, replace=False)]
-               + rng.normal(scale=0.1, size=(200, args.dim))).astype(np.float32)  # fmt: skip
-    bodies = [json.dumps({"query_embeddings": [q.tolist()], "n_results": 10,
-                          "include": ["distances"]}) for q in queries]  # fmt: skip
+    vectors, queries = dataset(args.rows, args.dim, 200)
+    bodies = query_bodies(queries)
     out = Path(args.out)
     results: dict[str, Any] = {"rows": args.rows, "dim": args.dim, "seconds": args.seconds}
     data_dir = Path(args.data_dir) if args.data_dir else None

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.common import D, Proxy, call, clustered, dataset_args, write_report, wrk
+from bench.common import D, Proxy, call, dataset, dataset_args, write_report, wrk
 
 CONCURRENCY = (1, 8, 32)
 TOPICS = ["news", "sports", "science", "art", "travel"]
@@ -44,12 +44,7 @@ FILTERS: dict[str, dict[str, Any] | None] = {
 
 def main() -> None:
     args = _args()
-    vectors = clustered(args.rows, args.dim, clusters=200, seed=7)
-    rng = np.random.default_rng(11)
-    picks = rng.choice(args.rows, size=args.queries, replace=False)
-    queries = (vectors[picks] + rng.normal(scale=0.1, size=(args.queries, args.dim))).astype(
-        np.float32
-    )
+    vectors, queries = dataset(args.rows, args.dim, args.queries)
     data_dir = Path(args.data_dir) if args.data_dir else None
     results: dict[str, Any] = {"rows": args.rows, "dim": args.dim, "seconds": args.seconds}
     # No periodic refresh during the run (a rebuild would compete with what is measured), and

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.common import D, Proxy, clustered, dataset_args, write_report
+from bench.common import D, Proxy, dataset, dataset_args, query_bodies, write_report
 from bench.replica import _ensure_loaded
 
 SAMPLE_S = 0.5
@@ -373,14 +373,8 @@ class Swap:
 
 def main() -> None:
     args = _args()
-    vectors = clustered(args.rows, args.dim, clusters=200, seed=7)
-    rng = np.random.default_rng(11)
-    picks = rng.choice(args.rows, size=args.queries, replace=False)
-    queries = (vectors[picks] + rng.normal(scale=0.1, size=(args.queries, args.dim))).astype(
-        np.float32
-    )
-    bodies = [json.dumps({"query_embeddings": [q.tolist()], "n_results": 10,
-                          "include": ["distances"]}) for q in queries]  # fmt: skip
+    vectors, queries = dataset(args.rows, args.dim, args.queries)
+    bodies = query_bodies(queries)
     token = secrets.token_hex(16)
     data_dir = Path(args.data_dir) if args.data_dir else None
     # Cache off (every request a real search); no periodic refresh (only our rebuilds swap).

@@ -40,7 +40,6 @@ class Reaper:
         self._pending: list[Any] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.freed = 0
 
     @property
     def pending(self) -> int:
@@ -65,7 +64,6 @@ class Reaper:
             if replica is not None:
                 _dismantle(replica)
                 del replica
-                self.freed += 1
                 if _malloc_trim is not None:
                     _malloc_trim(0)
 

@@ -40,7 +40,7 @@ class SearchGate:
     def refuse_if_full(self) -> None:
         """Raise Overloaded at once when no search can be admitted. Called before a request
         is parsed too: under overload most requests are refused, and parsing and hashing a
-        query costs the event loop a fifth of what serving it does (py-spy, bench/guards.py)."""
+        query was a fifth of the event loop's time at 3x load (py-spy during bench/guards.py)."""
         if self.admitted >= self.slots + self.queue_max:
             raise Overloaded("search queue full", self.retry_after_s, reason="queue_full")
 

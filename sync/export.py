@@ -130,7 +130,7 @@ def _concatenate(
         records.documents += page.documents
         records.uris += page.uris
         records.metadatas += page.metadatas
-    width = pages[0][0].shape[1] if pages and pages[0][0].ndim == 2 else dimension or 0
+    width = pages[0][0].shape[1] if pages else dimension or 0  # _decode_page: always 2-d
     vectors = np.empty((len(records.ids), width), np.float32)
     row = 0
     pages.reverse()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from proxy.embedded import free_port
-from tests.helpers import wait_until
+from tests.helpers import stop_process, wait_until
 
 SERVER_HEADER = "X-LB-Server"
 BACKEND = "proxies"
@@ -170,13 +170,8 @@ backend {BACKEND}
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
         self.proc = None
         if self._log is not None:
             self._log.close()

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from index.reaper import REAPER
 from index.snapshot import MANIFEST, Manifest
@@ -31,14 +32,6 @@ from .state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM
 
 # Accepted HNSW overrides and their sane ranges.
 _HNSW_LIMITS = {"M": (2, 128), "ef_construction": (1, 10_000), "ef_search": (1, 10_000)}
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/admin/status", status)
-    app.router.add_post("/admin/rebuild", rebuild)
-    app.router.add_get("/admin/snapshots", snapshots)
-    # Anything else under /admin/ is ours too: never forward it to the primary.
-    app.router.add_route("*", "/admin/{tail:.*}", unknown)
 
 
 def _authorize(request: web.Request) -> None:
@@ -202,3 +195,12 @@ def _snapshot_entry(snap: Path, serving: dict[str, int]) -> dict[str, Any]:
         serving=serving.get(manifest.collection_id) == manifest.generation,
     )
     return entry
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/admin/status", status),
+    ("POST", "/admin/rebuild", rebuild),
+    ("GET", "/admin/snapshots", snapshots),
+    # Anything else under /admin/ is ours too: never forward it to the primary.
+    ("*", "/admin/{tail:.*}", unknown),
+]

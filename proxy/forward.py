@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import RequestTooLarge, UpstreamError
-from .state import CONFIG, GUARDS, METRICS, SOURCE, UPSTREAM, request_id
+from .state import CONFIG, GUARDS, METRICS, SOURCE, UPSTREAM, request_id, stamp
 from .upstream import CHUNK_BYTES, request_headers, response_headers
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,17 @@ def _upstream_headers(request: web.Request) -> CIMultiDict[str]:
 
 async def read_body(request: web.Request) -> bytes:
     limit = request.app[CONFIG].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestTooLarge(_too_large(request.content_length, limit))
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestTooLarge(_too_large(length, limit))
+    content = request.content
+    if content.is_eof():
+        # The whole body came in with the headers (as a query's does): take it as it is
+        # rather than through request.read(), which copies it twice and suspends once.
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise RequestTooLarge(_too_large(len(body), limit))
+        return body
     return await request.read()
 
 
@@ -117,6 +126,7 @@ async def _stream_back(request: web.Request, resp: aiohttp.ClientResponse) -> we
     )
     if resp.content_length is not None:
         out.content_length = resp.content_length
+    stamp(request, out.headers)
     await out.prepare(request)
     try:
         async for chunk in upstream.iter_body(resp):

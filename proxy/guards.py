@@ -31,7 +31,7 @@ class Guards:
                 return None
             return ResultCache(config.cache_max_bytes, config.cache_max_entry_bytes, ttl_s)
 
-        return cls(
+        guards = cls(
             cache=cache(config.cache_ttl_s),
             forwarded=cache(config.forwarded_cache_ttl_s),
             flights=SingleFlight(),
@@ -48,3 +48,5 @@ class Guards:
             ),
             metrics=metrics,
         )
+        metrics.queue_depth.set_function(lambda: guards.gate.queued)
+        return guards

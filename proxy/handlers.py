@@ -1,7 +1,7 @@
 """Request handlers: dispatch by route class, writes, and the proxy's own ops endpoints.
 
 Each handler is a short series of named steps; errors are raised, never answered here: the
-``errors_and_metrics`` middleware in app.py turns them into responses in one place.
+``observed`` wrapper in app.py (around every route) turns them into responses in one place.
 """
 
 from __future__ import annotations

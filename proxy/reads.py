@@ -50,8 +50,8 @@ _KEYED_HEADERS = ("Authorization", "X-Chroma-Token")
 
 
 async def read(request: web.Request) -> web.StreamResponse:
-    router, route = request.app[ROUTER], request[ROUTE]
-    metrics = request.app[METRICS]
+    app, route = request.app, request[ROUTE]
+    router, metrics = app[ROUTER], app[METRICS]
     replica = router.replica_for(route)
     if replica is None:
         if route.collection is not None:
@@ -59,9 +59,7 @@ async def read(request: web.Request) -> web.StreamResponse:
         return await forwarded_read(request)
     level = router.level(request)
     raw = await read_body(request) if request.body_exists else b""
-    primary_unreachable = (
-        not request.app[STATE].primary_up or request.app[UPSTREAM].breaker.state != Breaker.CLOSED
-    )
+    primary_unreachable = not app[STATE].primary_up or app[UPSTREAM].breaker.state != Breaker.CLOSED
     stale = primary_unreachable  # nobody can tell how current the replica is: say so
     if not router.fresh_enough(replica, level):
         metrics.local_fallbacks.labels("consistency").inc()
@@ -80,12 +78,13 @@ async def read(request: web.Request) -> web.StreamResponse:
         return await forward(request, raw)
     request[SOURCE] = source
     headers = {
+        "Content-Type": "application/json",
         "X-Proxy-Replica-Age": f"{replica.age_s():.3f}",
         "X-Proxy-Replica-Generation": str(replica.generation),
     }
     if stale:
         headers["X-Proxy-Stale"] = "true"
-    return web.Response(body=body, content_type="application/json", headers=headers)
+    return web.Response(body=body, headers=headers)
 
 
 async def _answer(
@@ -94,15 +93,16 @@ async def _answer(
     """The answer bytes and where they came from ("cache" or "replica").
 
     Two keys lead to a cached answer: one over the exact request bytes, checked before
-    anything is parsed (a hit then costs one hash), and one over the canonical request, so
-    the same question with its keys in another order (the JS and Python clients differ) is
-    still a hit. Both carry the replica generation and the collection's write counter."""
+    anything is parsed (a hit then costs a hash of a sample of them and one comparison), and
+    one over the canonical request, so the same question with its keys in another order (the
+    JS and Python clients differ) is still a hit. Both carry the replica generation and the
+    collection's write counter."""
     guards, router = request.app[GUARDS], request.app[ROUTER]
     cid = replica.collection_id
     base = (cid, replica.generation, router.tracker.seq(cid), route.op)
-    exact = (*base, raw, request.rel_url.raw_query_string, route.tenant, route.database)
+    exact = (*base, request.rel_url.raw_query_string, route.tenant, route.database)
     cache = guards.cache
-    if cache is not None and (hit := cache.get(exact)) is not None:
+    if cache is not None and (hit := cache.get_exact(exact, raw)) is not None:
         guards.metrics.cache_hit.inc()
         return hit.body, "cache"
     try:
@@ -114,7 +114,7 @@ async def _answer(
     key = (*base, prepared.digest)
     if cache is not None and (hit := cache.get(key)) is not None:
         guards.metrics.cache_hit.inc()
-        cache.put(exact, Cached(200, hit.body, key_bytes=len(raw)))
+        cache.put_exact(exact, raw, Cached(200, hit.body))
         return hit.body, "cache"
 
     async def compute() -> bytes:
@@ -125,7 +125,6 @@ async def _answer(
             admission.labels(exc.reason).inc()
             raise
         admission.labels("queued" if queued else "admitted").inc()
-        guards.metrics.queue_depth.set(gate.queued)
         try:
             return await router.batcher.submit(replica, prepared, time.monotonic())
         except Overloaded as exc:
@@ -133,13 +132,12 @@ async def _answer(
             raise
         finally:
             gate.exit()
-            guards.metrics.queue_depth.set(gate.queued)
 
     body, coalesced = await guards.flights.run(key, compute)
     (guards.metrics.cache_coalesced if coalesced else guards.metrics.cache_miss).inc()
     if cache is not None and not coalesced:
         cache.put(key, Cached(200, body, key_bytes=len(prepared.digest)))
-        cache.put(exact, Cached(200, body, key_bytes=len(raw)))
+        cache.put_exact(exact, raw, Cached(200, body))
     return body, "replica"
 
 

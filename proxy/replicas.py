@@ -56,6 +56,7 @@ class ReplicaRouter:
         self.config = config
         self.replicas = ReplicaSet()
         self.tracker = WriteTracker()
+        self._default_level = Level(config.consistency)
         self.scheduler = scheduler_factory(self)
         # One thread per admitted search slot (proxy/admission.py SearchGate).
         self.executor = ThreadPoolExecutor(
@@ -99,7 +100,7 @@ class ReplicaRouter:
     def level(self, request: web.Request) -> Level:
         sent = request.headers.get(CONSISTENCY_HEADER)
         if sent is None:
-            return Level(self.config.consistency)
+            return self._default_level
         try:
             return Level(sent.strip().lower())
         except ValueError:

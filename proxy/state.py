@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -56,11 +57,23 @@ _PREFIX = os.urandom(4).hex()
 _counter = itertools.count(1)
 
 
-def request_id(request: web.BaseRequest) -> str:
-    """The request's id: the client's X-Request-Id if it is sane, else a new one."""
-    rid = request.get(REQUEST_ID)
-    if rid is None:
-        sent = request.headers.get("X-Request-Id", "")
-        rid = sent if _CLIENT_ID.fullmatch(sent) else f"{_PREFIX}{next(_counter):08x}"
-        request[REQUEST_ID] = rid
+def new_request_id(request: web.BaseRequest) -> str:
+    """Give the request its id: the client's X-Request-Id if it is sane, else a new one."""
+    sent = request.headers.get("X-Request-Id")
+    if sent is not None and _CLIENT_ID.fullmatch(sent):
+        rid = sent
+    else:
+        rid = f"{_PREFIX}{next(_counter):08x}"
+    request[REQUEST_ID] = rid
     return rid
+
+
+def request_id(request: web.BaseRequest) -> str:
+    rid = request.get(REQUEST_ID)
+    return new_request_id(request) if rid is None else rid
+
+
+def stamp(request: web.BaseRequest, headers: MutableMapping[str, str]) -> None:
+    """Every response names its request id and who answered."""
+    headers["X-Request-Id"] = request_id(request)
+    headers["X-Proxy-Source"] = request.get(SOURCE, "proxy")

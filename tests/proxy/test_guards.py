@@ -8,7 +8,7 @@ import time
 import pytest
 
 from proxy.admission import InFlightLimit, SearchGate, TokenBuckets
-from proxy.cache import Cached, ResultCache, SingleFlight, canonical_digest
+from proxy.cache import Cached, ResultCache, SingleFlight, _fingerprint, canonical_digest
 from proxy.errors import Overloaded, RateLimited, UpstreamCircuitOpen
 from proxy.metrics import Metrics
 from proxy.upstream import Breaker
@@ -42,6 +42,40 @@ def test_cache_returns_the_same_bytes() -> None:
     # A new generation or write counter is a different key: the old entry is unreachable.
     assert cache.get(("c", 2, 0, "query", b"k")) is None
     assert cache.get(("c", 1, 1, "query", b"k")) is None
+
+
+def test_cache_entries_expire_after_their_ttl() -> None:
+    now = [100.0]
+    cache = ResultCache(max_bytes=1000, max_entry_bytes=1000, ttl_s=5, clock=lambda: now[0])
+    cache.put("k", Cached(200, b"old"))
+    now[0] = 104.9
+    assert cache.get("k") is not None
+    now[0] = 105.0
+    assert cache.get("k") is None
+    assert len(cache) == 0 and cache.bytes_used == 0  # an expired entry read is dropped
+
+
+def test_exact_lookup_never_answers_a_different_request() -> None:
+    """Long bodies are keyed by a sample of their bytes: two bodies that differ only where
+    the sample does not look share a slot, and must then miss rather than swap answers."""
+    cache = ResultCache(max_bytes=100_000, max_entry_bytes=100_000, ttl_s=60)
+    a = b'{"query_embeddings": [[' + b"1" * 5000 + b"]]}"
+    b = a[:1001] + b"2" + a[1002:]  # one byte apart, at a position the sample skips
+    assert _fingerprint(a) == _fingerprint(b)  # the case under test
+    cache.put_exact("scope", a, Cached(200, b"answer-a"))
+    assert cache.get_exact("scope", b) is None
+    hit = cache.get_exact("scope", a)
+    assert hit is not None and hit.body == b"answer-a"
+    cache.put_exact("scope", b, Cached(200, b"answer-b"))
+    hit = cache.get_exact("scope", b)
+    assert hit is not None and hit.body == b"answer-b"
+    assert cache.get_exact("scope", a) is None
+    assert cache.get_exact("other-scope", b) is None
+    short = b'{"ids": ["x"]}'
+    cache.put_exact("scope", short, Cached(200, b"answer-short"))
+    assert cache.get_exact("scope", b'{"ids": ["y"]}') is None
+    # The request bytes held for the comparison count against the bound.
+    assert cache.bytes_used == len(b) + len(b"answer-b") + len(short) + len(b"answer-short")
 
 
 async def test_single_flight_runs_identical_work_once() -> None:

@@ -139,7 +139,7 @@ def _stackable_plan(search: Search) -> local.QueryPlan | None:
         return None
     if body.get("ids") is not None:
         return None
-    plan = local.plan_query(search.replica, body, prepared.may_hold_bools)
+    plan = local.plan_query(search.replica, prepared)
     if plan.allowed is not None or plan.k == 0 or plan.k > search.replica.n:
         return None
     return plan

@@ -34,6 +34,7 @@ _DUMPS = orjson.OPT_SERIALIZE_NUMPY
 # Chroma 1.5.9 fails a get with metadatas and limit beyond this (chroma-wire.md section 14.8);
 # forward so the client sees the primary's own answer.
 _SQL_VARIABLE_LIMIT = 32766
+Vectors = np.ndarray[Any, np.dtype[np.float32]]
 
 
 def _body(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
@@ -102,18 +103,26 @@ class Prepared:
     may_hold_bools: bool = False
     tenant: str | None = None
     database: str | None = None
+    vectors: Vectors | None = None  # a query's embeddings as float32, shape (n, dim)
 
 
 def prepare(
     op: str, raw: bytes, query: Mapping[str, str], tenant: str | None, database: str | None
 ) -> Prepared:
     """Parse a local-read candidate; NotLocal if it is not one the replica answers."""
-    if op in ("query", "get"):
-        body = _body(raw, _QUERY_KEYS if op == "query" else _GET_KEYS)
-        bools = op == "query" and (b"true" in raw or b"false" in raw)
-        # The primary ignores query strings here; keying on them anyway is merely cautious.
-        digest = canonical_digest([body, sorted(query.items())])
-        return Prepared(op, body, digest, bools)
+    # The primary ignores query strings on these; keying on them anyway is merely cautious.
+    if op == "query":
+        body = _body(raw, _QUERY_KEYS)
+        bools = b"true" in raw or b"false" in raw
+        vectors = _float32_vectors(body.get("query_embeddings"))
+        # The vectors enter the digest as the float32 bytes the primary searches with:
+        # writing 384 numbers back out as sorted JSON cost as much as parsing them.
+        rest = {key: value for key, value in body.items() if key != "query_embeddings"}
+        digest = canonical_digest([rest, sorted(query.items()), vectors.shape])
+        return Prepared(op, body, digest + vectors.tobytes(), bools, vectors=vectors)
+    if op == "get":
+        body = _body(raw, _GET_KEYS)
+        return Prepared(op, body, canonical_digest([body, sorted(query.items())]))
     if op == "count":
         _check_count_query(query)
         return Prepared(op, None, b"")
@@ -128,8 +137,7 @@ def prepare(
 def answer(replica: ReplicaIndex, prepared: Prepared, exact_max_rows: int) -> bytes:
     """Compute a prepared read on a replica (pure; runs in a worker thread)."""
     if prepared.op == "query":
-        assert prepared.body is not None
-        return answer_query(replica, prepared.body, prepared.may_hold_bools, exact_max_rows)
+        return answer_query(replica, prepared, exact_max_rows)
     if prepared.op == "get":
         assert prepared.body is not None
         return answer_get(replica, prepared.body)
@@ -160,29 +168,29 @@ class QueryPlan:
 
     include: list[str]
     k: int
-    queries: np.ndarray[Any, np.dtype[np.float32]]
+    queries: Vectors
     allowed: Mask | None
 
 
 SearchResults = list[tuple[Rows, np.ndarray[Any, np.dtype[np.float32]]]]
 
 
-def answer_query(
-    replica: ReplicaIndex, body: dict[str, Any], may_hold_bools: bool, exact_max_rows: int
-) -> bytes:
-    plan = plan_query(replica, body, may_hold_bools)
+def answer_query(replica: ReplicaIndex, prepared: Prepared, exact_max_rows: int) -> bytes:
+    plan = plan_query(replica, prepared)
     return encode_query(replica, plan, replica.search(plan.queries, plan.k, plan.allowed,
                                                       exact_max_rows))  # fmt: skip
 
 
-def plan_query(replica: ReplicaIndex, body: dict[str, Any], may_hold_bools: bool) -> QueryPlan:
+def plan_query(replica: ReplicaIndex, prepared: Prepared) -> QueryPlan:
+    body, vectors = prepared.body, prepared.vectors
+    assert body is not None and vectors is not None
     include = _include(body, QUERY_DEFAULT_INCLUDE)
     k = _count(body.get("n_results"), "n_results")
     if k is None:
         raise NotLocal("n_results missing")
-    queries = _query_vectors(body.get("query_embeddings"), replica, may_hold_bools)
+    _check_vectors(vectors, body["query_embeddings"], replica, prepared.may_hold_bools)
     allowed = replica.mask(_ids(body.get("ids")), _filters(body))
-    return QueryPlan(include, k, queries, allowed)
+    return QueryPlan(include, k, vectors, allowed)
 
 
 def encode_query(replica: ReplicaIndex, plan: QueryPlan, results: SearchResults) -> bytes:
@@ -198,27 +206,33 @@ def encode_query(replica: ReplicaIndex, plan: QueryPlan, results: SearchResults)
     return orjson.dumps(out, option=_DUMPS)
 
 
-def _query_vectors(
-    value: object, replica: ReplicaIndex, may_hold_bools: bool
-) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """Plain number lists of the replica's dimension, else NotLocal: base64 strings are a 422
-    on /query, and a wrong dimension, an empty list or an empty replica are edge cases the
-    primary answers in its own way."""
-    if not isinstance(value, list) or not value or replica.n == 0:
+def _float32_vectors(value: object) -> Vectors:
+    """Plain number lists, else NotLocal: base64 strings are a 422 on /query, and an empty
+    list is an edge case the primary answers in its own way."""
+    if not isinstance(value, list) or not value:
         raise NotLocal("query_embeddings must be a non-empty list of vectors")
     try:
         vectors = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError):
         raise NotLocal("query_embeddings holds something other than numbers") from None
-    if vectors.ndim != 2 or vectors.shape[1] != replica.manifest.dimension:
-        raise NotLocal("query vector of another dimension")
+    if vectors.ndim != 2:
+        raise NotLocal("query_embeddings must be a list of vectors")
+    return vectors
+
+
+def _check_vectors(
+    vectors: Vectors, value: list[Any], replica: ReplicaIndex, may_hold_bools: bool
+) -> None:
+    """Vectors this replica can search as the primary would, else NotLocal: a wrong dimension
+    or an empty replica are edge cases the primary answers in its own way."""
+    if replica.n == 0 or vectors.shape[1] != replica.manifest.dimension:
+        raise NotLocal("query vector of another dimension, or an empty collection")
     if not np.isfinite(vectors).all():
         raise NotLocal("query vector out of float32 range")
     # numpy turns JSON true/false into 1/0; the primary refuses them. Checked only when the
     # body holds such a token at all, since the per-element test costs more than the search.
     if may_hold_bools and any(isinstance(x, bool) for v in value for x in v):
         raise NotLocal("query vector holds a boolean")
-    return vectors
 
 
 _READ_LEVELS = frozenset({"index_and_wal", "index_only"})

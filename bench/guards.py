@@ -1,17 +1,18 @@
 """Cache, replica path and overload behaviour, each against its own ceiling, in one run.
 
     bash bench/setup.sh        # wrk, h2load, matplotlib (once)
-    .venv/bin/python -m bench.guards [--rows 100000] [--dim 384] [--seconds 10]
+    .venv/bin/python -m bench.guards [--rows 100000] [--dim 384] [--seconds 10] [--workers N]
 
 A. Cache hits vs an aiohttp+uvloop server that returns the same bytes from a dict (the ceiling
-   for any Python HTTP answer on this machine), wrk at c=32.
+   for any Python HTTP answer on this machine), wrk at c=32. With --workers N the proxy runs N
+   worker processes and the dict server as many (SO_REUSEPORT), like for like.
 B. Replica path with the cache off vs hnswlib called in-process on the same queries with as many
    threads as the proxy has search threads (the limit for the search itself).
 C. Overload, open loop (h2load --rps): offered load from 0.5x to 3x the replica path's capacity
    from B, cache off, every request unique; goodput, p99 of admitted requests, how fast shed
    requests are answered, and the proxy's RSS. Writes bench/results/guards.png.
 
-Writes bench/results/guards.{json,md}.
+Writes bench/results/guards.{json,md} (guards-workersN.* with --workers N).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ async def answer(request):
 app = web.Application()
 app.router.add_route("*", "/{tail:.*}", answer)
 uvloop.install()
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+            reuse_port=True)
 """
 
 
@@ -64,13 +66,15 @@ def main() -> None:
     vectors, queries = dataset(args.rows, args.dim, 200)
     bodies = query_bodies(queries)
     out = Path(args.out)
-    results: dict[str, Any] = {"rows": args.rows, "dim": args.dim, "seconds": args.seconds}
+    results: dict[str, Any] = {"rows": args.rows, "dim": args.dim, "seconds": args.seconds,
+                               "workers": args.workers}  # fmt: skip
     data_dir = Path(args.data_dir) if args.data_dir else None
+    name = "guards" if args.workers == 1 else f"guards-workers{args.workers}"
     common = ("--replicate", "", "--build-threads", "2", "--max-staleness-s", "86400",
-              "--refresh-interval-s", "86400")  # fmt: skip
+              "--refresh-interval-s", "86400", "--workers", str(args.workers))  # fmt: skip
     with Proxy(*common, data_dir=data_dir) as proxy:
         cid = _ready(proxy, vectors)
-        results["cache"] = _cache_vs_ceiling(proxy, cid, bodies[0], args.seconds)
+        results["cache"] = _cache_vs_ceiling(proxy, cid, bodies[0], args.seconds, args.workers)
     # A short search queue and a cap on requests in flight bound the latency of admitted
     # requests: the 256 connections of the overload runs exceed the cap of 128.
     with Proxy(*common, "--cache-max-bytes", "0", "--search-queue-max", "64",
@@ -78,37 +82,49 @@ def main() -> None:
         cid = _ready(proxy, vectors)
         results["replica"] = _replica_vs_hnswlib(proxy, cid, vectors, queries, bodies, args)
         capacity = results["replica"]["proxy_qps"]
-        results["overload"] = _overload(proxy, cid, bodies[:16], capacity, args.seconds, out)
-    write_report(out, "guards", results, _markdown(results))
+        plot = out / f"{name}.png"
+        results["overload"] = _overload(proxy, cid, bodies[:16], capacity, args.seconds, plot)
+    write_report(out, name, results, _markdown(results))
 
 
 def _ready(proxy: Proxy, vectors: npt.NDArray[np.float32]) -> str:
+    """Once the replica serves, in every worker process."""
     cid = _ensure_loaded(proxy.primary_url, vectors)
     url = f"{proxy.url}{D}/collections/{cid}/count"
     while True:
         with urllib.request.urlopen(url, timeout=60) as resp:
-            if resp.headers.get("X-Proxy-Source") in ("replica", "cache"):
-                return cid
+            local = resp.headers.get("X-Proxy-Source") in ("replica", "cache")
+        with urllib.request.urlopen(f"{proxy.url}/readyz", timeout=60) as resp:
+            workers = json.loads(resp.read()).get("workers", {"total": 1, "ready": 1})
+        if local and workers["ready"] == workers["total"]:
+            return cid
         time.sleep(0.2)
 
 
-def _cache_vs_ceiling(proxy: Proxy, cid: str, body: str, seconds: int) -> dict[str, Any]:
+def _cache_vs_ceiling(
+    proxy: Proxy, cid: str, body: str, seconds: int, processes: int
+) -> dict[str, Any]:
     url = f"{proxy.url}{D}/collections/{cid}/query"
     answer = call(proxy.url, "POST", f"{D}/collections/{cid}/query", json.loads(body))
     raw = json.dumps(answer, separators=(",", ":")).encode()
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         fh.write(raw)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", DICT_SERVER, str(port), fh.name])
+    servers = [
+        subprocess.Popen([sys.executable, "-c", DICT_SERVER, str(port), fh.name])
+        for _ in range(processes)
+    ]
     try:
         _wait_listening(port)
-        print("A: cache hits vs dict server ...", flush=True)
+        time.sleep(1)  # the other processes bind too
+        print(f"A: cache hits vs dict server ({processes} processes) ...", flush=True)
         ceiling = wrk(f"http://127.0.0.1:{port}/q", connections=32, seconds=seconds,
                       method="POST", bodies=[body])  # fmt: skip
         hits = wrk(url, connections=32, seconds=seconds, method="POST", bodies=[body])
     finally:
-        server.terminate()
-        server.wait()
+        for server in servers:
+            server.terminate()
+            server.wait()
         os.unlink(fh.name)
     return {"ceiling": ceiling.as_dict(), "cache_hits": hits.as_dict(),
             "ratio": round(hits.qps / ceiling.qps, 3)}  # fmt: skip
@@ -172,7 +188,7 @@ def _hnswlib_qps(
 
 
 def _overload(
-    proxy: Proxy, cid: str, bodies: list[str], capacity: float, seconds: int, out: Path
+    proxy: Proxy, cid: str, bodies: list[str], capacity: float, seconds: int, plot: Path
 ) -> list[dict[str, Any]]:
     """Open-loop load with h2load (one process per query vector, since h2load sends one body;
     several vectors keep the searches from all walking the same cached path). Every request
@@ -191,7 +207,7 @@ def _overload(
         print(f"C: offered {factor}x capacity for {duration}s ...", flush=True)
         points.append(_h2load_point(proxy, work, capacity * factor, duration, factor))
     shutil.rmtree(work, ignore_errors=True)
-    _plot(points, capacity, out / "guards.png")
+    _plot(points, capacity, plot)
     return points
 
 
@@ -256,10 +272,27 @@ def _pct(values: npt.NDArray[np.float64], q: float) -> float | None:
 
 
 def _rss(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
+    """MiB resident in the proxy: worker 0 and the other workers it started."""
+    total = 0
+    for proc in [pid, *_workers_of(pid)]:
+        for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return round(total / 1024, 1)
+
+
+def _workers_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except OSError:
+                continue
+            if b"proxy.workers" in cmdline and int(parent) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def _plot(points: list[dict[str, Any]], capacity: float, path: Path) -> None:
@@ -287,13 +320,15 @@ def _plot(points: list[dict[str, Any]], capacity: float, path: Path) -> None:
 def _markdown(results: dict[str, Any]) -> str:
     cache, replica = results["cache"], results["replica"]
     lines = [
-        f"# Cache, replica path and overload ({results['rows']} x {results['dim']})",
+        f"# Cache, replica path and overload ({results['rows']} x {results['dim']}, "
+        f"{results['workers']} worker process(es))",
         "",
         "| path | QPS | p50 / p99 ms | ceiling QPS | ratio |",
         "|---|---|---|---|---|",
         f"| cache hits (c=32) | {cache['cache_hits']['qps']:.0f} | "
         f"{cache['cache_hits']['p50_ms']:.2f} / {cache['cache_hits']['p99_ms']:.2f} | "
-        f"{cache['ceiling']['qps']:.0f} (aiohttp dict server) | {cache['ratio']} |",
+        f"{cache['ceiling']['qps']:.0f} (aiohttp dict server, {results['workers']} "
+        f"process(es)) | {cache['ratio']} |",
         f"| replica path, cache off (c=32) | {replica['proxy']['qps']:.0f} | "
         f"{replica['proxy']['p50_ms']:.2f} / {replica['proxy']['p99_ms']:.2f} | "
         f"{replica['hnswlib_qps']:.0f} (hnswlib in-process) | {replica['ratio']} |",
@@ -314,7 +349,9 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _args() -> argparse.Namespace:
-    return dataset_args(__doc__ or "").parse_args()
+    parser = dataset_args(__doc__ or "")
+    parser.add_argument("--workers", type=int, default=1, help="proxy worker processes")
+    return parser.parse_args()
 
 
 if __name__ == "__main__":

@@ -48,15 +48,19 @@ class Manifest:
     covers_write_seq: int  # this proxy's write counter for the collection at export start
     generation: int
     files: dict[str, dict[str, Any]]  # name -> {"bytes": n, "sha256": hex}
+    # The write ledger (proxy/ledger.py) covers_write_seq counts in, when the builder was one
+    # of several worker processes; its other workers may then trust covers_write_seq too.
+    write_ledger: str | None = None
 
     @property
     def collection_id(self) -> str:
         return str(self.collection["id"])
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {name: getattr(self, name) for name in self.__slots__}, option=orjson.OPT_INDENT_2
-        )
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        if fields["write_ledger"] is None:
+            del fields["write_ledger"]  # so that earlier versions still read the manifest
+        return orjson.dumps(fields, option=orjson.OPT_INDENT_2)
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -19,6 +19,7 @@ from . import admin, handlers
 from .config import Config
 from .errors import to_response
 from .guards import Guards
+from .ledger import Ledger
 from .metrics import Metrics
 from .replicas import ReplicaRouter, ReplicaSource
 from .routes import classify
@@ -26,6 +27,7 @@ from .sample import load_sample
 from .state import (
     CONFIG,
     GUARDS,
+    LEDGER,
     METRICS,
     ROUTE,
     ROUTER,
@@ -35,17 +37,24 @@ from .state import (
     ProxyState,
     new_request_id,
     request_id,
+    set_worker,
     stamp,
 )
 from .upstream import Upstream
+from .workers import publish_state, relay_writes
 
 log = logging.getLogger(__name__)
 
 LOOP_LAG_TICK_S = 0.005
+WORKER_STATE_TICK_S = 0.2
 
 
-def build_app(config: Config, primary_url: str) -> web.Application:
-    """The proxy as an aiohttp application, forwarding to ``primary_url``."""
+def build_app(
+    config: Config, primary_url: str, ledger: Ledger | None = None, worker: int = 0
+) -> web.Application:
+    """The proxy as an aiohttp application, forwarding to ``primary_url``. ``ledger`` is
+    shared by the worker processes of one proxy, of which this is number ``worker``
+    (proxy/workers.py)."""
     app = web.Application(client_max_size=config.max_body_bytes)
     metrics = Metrics()
     app[CONFIG] = config
@@ -53,13 +62,17 @@ def build_app(config: Config, primary_url: str) -> web.Application:
     app[STATE] = ProxyState()
     app[UPSTREAM] = Upstream(primary_url, config, metrics)
     app[GUARDS] = guards = Guards.from_config(config, metrics)
+    if ledger is not None:
+        app[LEDGER] = ledger
     app[ROUTER] = ReplicaRouter(
-        config, lambda router: _replica_source(app, router), guards.gate.check_deadline
+        config, lambda router: _replica_source(app, router), guards.gate.check_deadline, ledger
     )
     # Started in this order, stopped in reverse: the scheduler needs the upstream session.
     app.cleanup_ctx.extend(
         [_loop_lag_ctx, _upstream_ctx, _heartbeat_ctx, _sample_ctx, _replicas_ctx]
     )
+    if ledger is not None:
+        app.cleanup_ctx.append(_worker_ctx(ledger, worker))
     routes = [
         ("GET", "/healthz", handlers.healthz),
         ("GET", "/readyz", handlers.readyz),
@@ -75,7 +88,9 @@ def build_app(config: Config, primary_url: str) -> web.Application:
 
 def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSource:
     """Who fills the replica set: the store (role replica) or this process' own builds."""
-    config, settings = app[CONFIG], sync_settings(app[CONFIG])
+    config = app[CONFIG]
+    ledger = app.get(LEDGER)
+    settings = sync_settings(config, None if ledger is None else ledger.epoch)
     if config.role == "replica":
         return StoreFollower(router.replicas, settings)
     metrics = app[METRICS]
@@ -84,7 +99,7 @@ def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSourc
     )
 
 
-def sync_settings(config: Config) -> SyncSettings:
+def sync_settings(config: Config, write_ledger: str | None = None) -> SyncSettings:
     return SyncSettings(
         store=config.snapshot_path,
         replicate=config.replicate_list if config.replicas else (),
@@ -97,6 +112,7 @@ def sync_settings(config: Config) -> SyncSettings:
         serve=config.role != "builder",
         validate=(config.validate_queries, config.validate_min_recall),
         poll_interval_s=config.store_poll_interval_s,
+        write_ledger=write_ledger,
     )
 
 
@@ -132,6 +148,30 @@ def observed(handler: Handler) -> Handler:
             metrics.observe(route, status, request.get(SOURCE, "proxy"), elapsed)
 
     return handle
+
+
+def _worker_ctx(ledger: Ledger, worker: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    """One of several worker processes: say so in every response, keep this worker's state
+    in the ledger, and (the first worker, when it builds) rebuild after writes that the
+    other workers forwarded."""
+    set_worker(worker)
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        router, state, config = app[ROUTER], app[STATE], app[CONFIG]
+
+        def ready() -> bool:
+            return not state.draining and (not config.replicas or router.scheduler.ready)
+
+        tasks = [asyncio.create_task(publish_state(ledger, worker, ready, WORKER_STATE_TICK_S))]
+        if isinstance(router.scheduler, RebuildScheduler):
+            relay = relay_writes(ledger, router.scheduler, router.replicas, WORKER_STATE_TICK_S)
+            tasks.append(asyncio.create_task(relay))
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    return ctx
 
 
 async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:

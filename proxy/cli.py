@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -145,10 +145,12 @@ def update_docs(path: Path) -> None:
     path.write_text(text[:start] + docs_table() + text[end:], encoding="utf-8")
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, worker: int | None = None) -> None:
+    """Log lines to stderr; with several worker processes, each line names its worker."""
+    who = "" if worker is None else f"[w{worker}] "
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -156,15 +158,19 @@ def configure_logging(level: str) -> None:
 def _run(config: Config) -> None:
     from .server import serve  # imported late: `config-docs` and `--help` stay fast
 
-    sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
+    run_loop(config, serve(config))
 
+
+def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
+    """Run the proxy's main coroutine on uvloop, with the configured GIL switch interval."""
+    sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        asyncio.run(serve(config))
+        asyncio.run(main)
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config))
+        runner.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, 0 if config.workers > 1 else None)
     try:
         _run(config)
     except EmbeddedPrimaryError as exc:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "REPLICA_PROXY_"
+MAX_WORKERS = 64  # proxy/ledger.py has room for this many
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 Consistency = Literal["strong", "session", "bounded", "eventual"]
@@ -133,8 +134,19 @@ class Config:
         "(a shared volume), loading newer generations as they appear; never export.",
         "standalone",
     )
+    workers: int = _key(
+        "Processes serving the listen address (SO_REUSEPORT; the kernel spreads connections "
+        "over them). One event loop is what saturates first, so set it to the number of cores "
+        "a proxy may use. The first process builds replicas (role standalone) and supervises; "
+        "the others load each published snapshot, as role replica does, at the cost of one "
+        "more copy of every HNSW index in memory. Writes are shared among them, so "
+        "read-your-writes holds whichever process a request reaches.",
+        1,
+    )
     store_poll_interval_s: float = _key(
-        "Role replica: how often snapshot_dir is scanned for newer generations.", 2.0
+        "Role replica, and workers after the first: how often snapshot_dir is scanned for "
+        "newer generations.",
+        2.0,
     )
     validate_queries: int = _key(
         "Before a new replica serves, this many of its stored vectors are searched with HNSW "
@@ -179,8 +191,8 @@ class Config:
         1.0,
     )
     max_concurrent_searches: int = _key(
-        "Local searches running at once, one thread each (0 = one per CPU core). Cache hits "
-        "do not count.",
+        "Local searches running at once per worker process, one thread each (0 = the CPU cores "
+        "shared among the workers, at least one each). Cache hits do not count.",
         0,
     )
     search_batch_max: int = _key(
@@ -285,6 +297,10 @@ class Config:
             raise ConfigError("validate_min_recall", self.validate_min_recall, "must be in [0, 1]")
         if self.role != "standalone" and not self.replicas:
             raise ConfigError("role", self.role, "needs replicas on")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError("workers", self.workers, f"must be between 1 and {MAX_WORKERS}")
+        if self.workers > 1 and self.role == "builder":
+            raise ConfigError("workers", self.workers, "a builder serves no reads: use 1")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("admin_token", "...", "must be at least 16 characters")
         for spec in self.replicate_list:
@@ -301,7 +317,9 @@ class Config:
 
     @property
     def search_slots(self) -> int:
-        return self.max_concurrent_searches or os.cpu_count() or 2
+        # One thread per core in all: with two workers on two cores, two threads each cost
+        # 7% of the replica path's throughput (bench/guards.py --workers 2).
+        return self.max_concurrent_searches or max(1, (os.cpu_count() or 2) // self.workers)
 
     @property
     def host(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # How far apart the clocks of a builder and a replica may be (NTP keeps them far closer).
 CLOCK_MARGIN_S = 1.0
@@ -25,6 +26,26 @@ class Level(enum.Enum):
     SESSION = "session"
     BOUNDED = "bounded"
     EVENTUAL = "eventual"
+
+
+class Writes(Protocol):
+    """What the gate needs to know of forwarded writes: WriteTracker in one process,
+    ledger.Ledger across worker processes."""
+
+    @property
+    def total(self) -> int: ...
+
+    def begin(self, collection_id: str) -> None: ...
+
+    def end(self, collection_id: str | None) -> None: ...
+
+    def bump_all(self) -> None: ...
+
+    def seq(self, collection_id: str) -> int: ...
+
+    def busy(self, collection_id: str) -> bool: ...
+
+    def last_write_at(self, collection_id: str) -> float: ...
 
 
 @dataclass(slots=True)
@@ -74,7 +95,7 @@ def replica_may_answer(
     *,
     covers_seq: int,
     cut_at: float,
-    tracker: WriteTracker,
+    tracker: Writes,
     collection_id: str,
     age_s: float,
     max_staleness_s: float,

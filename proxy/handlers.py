@@ -12,8 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from . import reads
 from .errors import Overloaded
 from .forward import forward
+from .ledger import READY
 from .routes import RouteClass
-from .state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE
+from .state import CONFIG, GUARDS, LEDGER, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE
 
 LOADING = "loading replicas from the snapshot store"
 
@@ -73,6 +74,10 @@ async def readyz(request: web.Request) -> web.Response:
     }
     if reason is not None:
         body["reason"] = reason
+    ledger = request.app.get(LEDGER)
+    if ledger is not None:  # this answer is one worker's; here is how the others are doing
+        states = ledger.states(request.app[CONFIG].workers)
+        body["workers"] = {"total": len(states), "ready": states.count(READY)}
     return web.json_response(body, status=200 if ready else 503)
 
 

@@ -24,7 +24,7 @@ from sync.scheduler import RebuildScheduler
 
 from .batching import SearchBatcher
 from .config import Config
-from .consistency import Level, WriteTracker, replica_may_answer
+from .consistency import Level, Writes, WriteTracker, replica_may_answer
 from .errors import BadRequest
 from .routes import Route
 
@@ -52,10 +52,12 @@ class ReplicaRouter:
         config: Config,
         scheduler_factory: Callable[[ReplicaRouter], ReplicaSource],
         check_deadline: Callable[[float], None],
+        writes: Writes | None = None,
     ) -> None:
         self.config = config
         self.replicas = ReplicaSet()
-        self.tracker = WriteTracker()
+        # Shared with the other worker processes when there are several (proxy/ledger.py).
+        self.tracker: Writes = WriteTracker() if writes is None else writes
         self._default_level = Level(config.consistency)
         self.scheduler = scheduler_factory(self)
         # One thread per admitted search slot (proxy/admission.py SearchGate).

@@ -3,7 +3,9 @@
 Shutdown order, as a load balancer needs it: readiness off -> keep serving for
 ``shutdown_delay_s`` (the balancer notices) -> stop accepting, let in-flight requests finish for
 up to ``drain_timeout_s`` -> close the upstream pool -> stop the embedded primary. A second
-signal skips the wait.
+signal skips the wait. With ``workers`` > 1 (proxy/workers.py) the first process passes each
+signal on to the others, which drain the same way, and waits for them before it stops the
+embedded primary.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -20,8 +24,10 @@ from . import __version__
 from .app import AccessLogger, build_app
 from .config import Config
 from .embedded import EmbeddedPrimary
+from .ledger import LISTENING, Ledger
 from .sample import NAME as SAMPLE_NAME
 from .state import METRICS, STATE
+from .workers import Workers, new_ledger
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +41,85 @@ async def serve(config: Config) -> None:
             log.info("starting embedded Chroma primary (data in %s)", embedded.path)
             await stack.enter_async_context(embedded)
             primary_url = embedded.url
-        app = build_app(config, primary_url)
-        runner = web.AppRunner(
-            app,
-            access_log_class=AccessLogger,
-            access_log=logging.getLogger("proxy.access") if config.access_log else None,
-            shutdown_timeout=config.drain_timeout_s,
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        ledger = None
+        if config.workers > 1:
+            ledger = new_ledger(config)
+            stack.callback(ledger.close)
+        app = build_app(config, primary_url, ledger)
+        runner = await _listen(app, config, reuse_port=ledger is not None)
+        workers = None
+        if ledger is not None:
+            workers = Workers(config, primary_url, _address(config, runner), ledger)
+            workers.start()
+            supervisor = asyncio.create_task(workers.supervise(), name="worker-supervisor")
+            stack.push_async_callback(_cancel, supervisor)
+            await _until_listening(ledger, config.workers, config.embedded_start_timeout_s)
         _announce(config, runner, primary_url, embedded is not None)
-        await _wait_for_signal()
-        await _drain(app, runner, config)
+        on_signal = workers.signal if workers is not None else None
+        await _wait_for_signal(on_signal)
+        await _drain(app, runner, config, on_signal)
+        if workers is not None:
+            await workers.wait(config.drain_timeout_s + 5.0)
+
+
+async def serve_worker(config: Config, index: int, ledger: Ledger) -> None:
+    """Workers 1..N-1 (proxy/workers.py): the same app, on the same port, sharing the ledger."""
+    assert config.primary_url is not None
+    try:
+        app = build_app(config, config.primary_url, ledger, worker=index)
+        runner = await _listen(app, config, reuse_port=True)
+        log.info("worker %d (pid %d) serving on %s", index, os.getpid(), config.listen)
+        await _wait_for_signal(None)
+        await _drain(app, runner, config, None)
+    finally:
+        ledger.close()
+
+
+async def _listen(app: web.Application, config: Config, *, reuse_port: bool) -> web.AppRunner:
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("proxy.access") if config.access_log else None,
+        shutdown_timeout=config.drain_timeout_s,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        config.host,
+        config.port,
+        backlog=1024,
+        reuse_address=True,
+        reuse_port=reuse_port or None,
+    )
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def _address(config: Config, runner: web.AppRunner) -> str:
+    """The listen address with the port actually bound (the configured one may be 0)."""
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return f"{host}:{_bound_port(runner)}"
+
+
+async def _until_listening(ledger: Ledger, workers: int, timeout_s: float) -> None:
+    """The banner says the proxy serves: wait until every worker has bound the port."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while min(ledger.states(workers)) < LISTENING:
+        if loop.time() > deadline:
+            log.warning("not every worker listens after %gs: %s", timeout_s, ledger.states(workers))
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -64,8 +132,9 @@ def _announce(config: Config, runner: web.AppRunner, primary_url: str, embedded:
     port = _bound_port(runner)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     kind = "embedded" if embedded else "remote"
+    workers = f" with {config.workers} workers" if config.workers > 1 else ""
     lines = [
-        f"replica-proxy {__version__} serving on http://{host}:{port} "
+        f"replica-proxy {__version__} serving on http://{host}:{port}{workers} "
         f"-> {kind} primary {primary_url}",
         "Try it from Python (pip install chromadb==1.5.9):",
         "    import chromadb",
@@ -81,15 +150,30 @@ def _announce(config: Config, runner: web.AppRunner, primary_url: str, embedded:
     print("\n".join(lines), flush=True)
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(on_signal: Callable[[], None] | None) -> None:
+    """Until SIGTERM or SIGINT; ``on_signal`` passes it on (to the other workers)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _both(stop.set, on_signal))
     await stop.wait()
 
 
-async def _drain(app: web.Application, runner: web.AppRunner, config: Config) -> None:
+def _both(first: Callable[[], None], then: Callable[[], None] | None) -> Callable[[], None]:
+    def call() -> None:
+        first()
+        if then is not None:
+            then()
+
+    return call
+
+
+async def _drain(
+    app: web.Application,
+    runner: web.AppRunner,
+    config: Config,
+    on_signal: Callable[[], None] | None,
+) -> None:
     app[STATE].draining = True
     app[METRICS].draining.set(1)
     in_flight = app[METRICS].registry.get_sample_value("replica_proxy_requests_in_flight") or 0
@@ -103,7 +187,7 @@ async def _drain(app: web.Application, runner: web.AppRunner, config: Config) ->
     force = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, force.set)
+        loop.add_signal_handler(sig, _both(force.set, on_signal))
     waiter = asyncio.create_task(force.wait())
     delay = asyncio.create_task(asyncio.sleep(config.shutdown_delay_s))
     await asyncio.wait({delay, waiter}, return_when=asyncio.FIRST_COMPLETED)

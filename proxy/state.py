@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .config import Config
 from .guards import Guards
+from .ledger import Ledger
 from .metrics import Metrics
 from .replicas import ReplicaRouter
 from .routes import Route
@@ -42,6 +43,7 @@ STATE = web.AppKey("state", ProxyState)
 UPSTREAM = web.AppKey("upstream", Upstream)
 ROUTER = web.AppKey("router", ReplicaRouter)
 GUARDS = web.AppKey("guards", Guards)
+LEDGER = web.AppKey("ledger", Ledger)  # only with several worker processes
 
 # Per-request values (request[KEY]).
 ROUTE = web.RequestKey("route", Route)
@@ -73,7 +75,18 @@ def request_id(request: web.BaseRequest) -> str:
     return new_request_id(request) if rid is None else rid
 
 
+# Set once in a process that is one of several workers (proxy/workers.py).
+_worker: str | None = None
+
+
+def set_worker(index: int) -> None:
+    global _worker
+    _worker = str(index)
+
+
 def stamp(request: web.BaseRequest, headers: MutableMapping[str, str]) -> None:
-    """Every response names its request id and who answered."""
+    """Every response names its request id, who answered and (with several) which worker."""
     headers["X-Request-Id"] = request_id(request)
     headers["X-Proxy-Source"] = request.get(SOURCE, "proxy")
+    if _worker is not None:
+        headers["X-Proxy-Worker"] = _worker

@@ -38,6 +38,7 @@ def build_and_publish(
     threads: int,
     hnsw_overrides: dict[str, int] | None = None,
     validate: tuple[int, float] = (0, 0.0),
+    write_ledger: str | None = None,
 ) -> ReplicaIndex:
     """Blocking (run it in a worker thread): build the index, check it against exact search
     (``validate`` = (sample queries, recall floor)), publish the snapshot atomically, and
@@ -58,6 +59,7 @@ def build_and_publish(
         "source": source,
         "covers_write_seq": covers_write_seq,
         "generation": new_generation(),
+        "write_ledger": write_ledger,
     }
     writers = {
         "vectors.npy": lambda p: np.save(p, export.vectors),
@@ -79,11 +81,15 @@ def _draft(fields: dict[str, Any]) -> Manifest:
     return Manifest(format_version=FORMAT_VERSION, files={}, **fields)
 
 
-def open_snapshot(directory: Path, validate: tuple[int, float] = (0, 0.0)) -> ReplicaIndex:
+def open_snapshot(
+    directory: Path, validate: tuple[int, float] = (0, 0.0), write_ledger: str | None = None
+) -> ReplicaIndex:
     """Blocking: verify checksums, load and validate a published snapshot. With the patched
     hnswlib (vendor/hnswlib) no step holds the GIL for long, so a worker thread can do this
-    while the event loop serves."""
+    while the event loop serves. The snapshot's covers_write_seq counts for this process
+    only if it was counted in the same write ledger (another worker of this proxy built it)."""
     replica = ReplicaIndex.open(directory)
     replica.validate(*validate)
-    replica.covers_write_seq = COVERS_NOTHING
+    same = write_ledger is not None and replica.manifest.write_ledger == write_ledger
+    replica.covers_write_seq = replica.manifest.covers_write_seq if same else COVERS_NOTHING
     return replica

@@ -7,8 +7,9 @@ flight finish on the old replica. A snapshot that fails any check is refused onc
 remembered, and the old generation keeps serving. A collection whose directory disappeared
 (the builder saw it deleted) stops being served.
 
-It has the scheduler's interface (proxy/replicas.py uses either), with no-ops where only a
-builder can act: a replica never asks the primary for anything.
+It has the scheduler's interface (proxy/replicas.py uses either). A replica never asks the
+primary for anything; a read of a collection it does not serve asks the builder, through the
+store (scheduler.ask_for).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from index.errors import SnapshotError
 from index.holder import ReplicaSet
 
 from .build import open_snapshot
-from .scheduler import SyncSettings, newest_snapshots
+from .scheduler import SyncSettings, ask_for, newest_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class StoreFollower:
         self._settings = settings
         self._refused: set[Path] = set()
         self._task: asyncio.Task[None] | None = None
+        self._asking: set[asyncio.Task[None]] = set()
         self.building: str | None = None  # the collection being loaded
         self.last_error: str | None = None
         self.ready = False
@@ -54,10 +56,19 @@ class StoreFollower:
     # --- the scheduler's interface: a replica cannot build ----------------------------------
 
     def request(self, collection_id: str, tenant: str, database: str, **_: Any) -> None:
-        pass
+        """On demand: ask the builder (proxy/replicas.py asks at most every 30 s)."""
+        task = asyncio.create_task(self._ask(collection_id, tenant, database))
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
+
+    async def _ask(self, collection_id: str, tenant: str, database: str) -> None:
+        try:
+            await asyncio.to_thread(ask_for, self._settings.store, collection_id, tenant, database)
+        except OSError as exc:
+            log.warning("could not ask the builder for %s: %s", collection_id, exc)
 
     def wants(self, collection_id: str) -> bool:
-        return True  # never ask for on-demand builds
+        return self._replicas.get(collection_id) is not None
 
     def notify_write(self, collection_id: str) -> None:
         pass
@@ -113,7 +124,9 @@ class StoreFollower:
             return False
         self.building = snapshot.parent.name
         try:
-            replica = await asyncio.to_thread(open_snapshot, snapshot, self._settings.validate)
+            replica = await asyncio.to_thread(
+                open_snapshot, snapshot, self._settings.validate, self._settings.write_ledger
+            )
         except (SnapshotError, OSError, RuntimeError, ValueError) as exc:
             if not await asyncio.to_thread(snapshot.exists):  # pruned by the builder meanwhile
                 return False

@@ -9,7 +9,9 @@ than refresh_interval_s. One rebuild runs at a time: on a small machine a second
 compete with the first and with serving.
 
 In the `builder` role (serve=False) the same loop publishes snapshots for `replica` processes
-(sync/follower.py) and keeps none in memory.
+(sync/follower.py) and keeps none in memory. Those processes (and the other workers of a
+standalone proxy) cannot export: they ask for on-demand replicas through the store (ask_for),
+and the scheduler picks the requests up once a second.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Coroutine
@@ -36,6 +40,9 @@ from .export import Export, ExportChanged, PrimaryClient, export_collection
 log = logging.getLogger(__name__)
 
 EXPORT_ATTEMPTS = 3
+# store/.wanted/<collection id>: replicas that serving processes asked the builder for.
+WANTED = ".wanted"
+_UUID = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,7 @@ class SyncSettings:
     serve: bool = True  # False in the builder role: publish only
     validate: tuple[int, float] = (20, 0.5)  # (sample queries, recall@10 floor) before serving
     poll_interval_s: float = 2.0  # replica role: how often the store is scanned
+    write_ledger: str | None = None  # with worker processes: the ledger they share
 
 
 BuildObserver = Callable[[str, float, int], None]  # (result, seconds, rows)
@@ -140,6 +148,10 @@ class RebuildScheduler:
 
     def wants(self, collection_id: str) -> bool:
         return collection_id in self._where
+
+    def known(self) -> list[str]:
+        """The collections this scheduler replicates."""
+        return list(self._where)
 
     def notify_write(self, collection_id: str) -> None:
         """A write to the collection went through: rebuild once writes pause for debounce_s."""
@@ -237,13 +249,23 @@ class RebuildScheduler:
                 self.building = None
 
     async def _ticker(self) -> None:
-        """Refresh replicas that are older than refresh_interval_s."""
+        """Refresh replicas that are older than refresh_interval_s; build what other
+        processes asked for (ask_for)."""
         while True:
             await asyncio.sleep(1.0)
             oldest = time.time() - self._settings.refresh_interval_s
             for cid, built_at in list(self._built_at.items()):
                 if built_at < oldest and cid in self._where:
                     self.request(cid, *self._where[cid])
+            try:
+                wanted = await asyncio.to_thread(take_wanted, self._settings.store)
+            except OSError as exc:
+                log.warning("reading on-demand requests from the store failed: %s", exc)
+                continue
+            for cid, tenant, database in wanted:
+                if cid not in self._where:
+                    log.info("collection %s asked for by another process", cid)
+                    self.request(cid, tenant, database)
 
     def _failed(self, collection_id: str, exc: Exception) -> None:
         count = self._failures.get(collection_id, 0) + 1
@@ -287,6 +309,7 @@ class RebuildScheduler:
             s.build_threads,
             self._overrides.get(collection_id),
             s.validate,
+            s.write_ledger,
         )
         if collection_id not in self._where:  # deleted while we were building
             return
@@ -355,3 +378,33 @@ def newest_snapshots(store: Path) -> list[list[Path]]:
         for d in sorted(store.iterdir())
         if d.is_dir() and not d.name.startswith(".")
     ]
+
+
+def ask_for(store: Path, collection_id: str, tenant: str, database: str) -> None:
+    """Blocking: ask the process that builds for this store for a replica of a collection."""
+    directory = store / WANTED
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{collection_id}.{os.getpid()}.tmp"
+    tmp.write_bytes(orjson.dumps({"tenant": tenant, "database": database}))
+    os.replace(tmp, directory / collection_id)
+
+
+def take_wanted(store: Path) -> list[tuple[str, str, str]]:
+    """Blocking: the requests ask_for left, (collection id, tenant, database), removed as
+    they are read. Anything malformed is dropped."""
+    directory = store / WANTED
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        if entry.name.startswith("."):
+            continue
+        try:
+            where = orjson.loads(entry.read_bytes())
+            request = (entry.name, str(where["tenant"]), str(where["database"]))
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+            request = None
+        entry.unlink(missing_ok=True)
+        if request is not None and _UUID.fullmatch(entry.name):
+            found.append(request)
+    return found

@@ -93,7 +93,9 @@ class ChromaServer:
         self.proc = None
 
 
-_BANNER = re.compile(rb"serving on http://([\d.]+):(\d+) -> (\w+) primary (\S+)")
+_BANNER = re.compile(
+    rb"serving on http://([\d.]+):(\d+)(?: with \d+ workers)? -> (\w+) primary (\S+)"
+)
 
 
 class ProxyProcess:

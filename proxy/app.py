@@ -19,7 +19,6 @@ from . import admin, handlers
 from .config import Config
 from .errors import to_response
 from .guards import Guards
-from .ledger import Ledger
 from .metrics import Metrics
 from .replicas import ReplicaRouter, ReplicaSource
 from .routes import classify
@@ -27,13 +26,13 @@ from .sample import load_sample
 from .state import (
     CONFIG,
     GUARDS,
-    LEDGER,
     METRICS,
     ROUTE,
     ROUTER,
     SOURCE,
     STATE,
     UPSTREAM,
+    WORKER,
     ProxyState,
     new_request_id,
     request_id,
@@ -41,7 +40,13 @@ from .state import (
     stamp,
 )
 from .upstream import Upstream
-from .workers import publish_state, relay_writes
+from .workers import (
+    METRICS_INTERVAL_S,
+    Worker,
+    publish_metrics,
+    publish_state,
+    relay_writes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +54,9 @@ LOOP_LAG_TICK_S = 0.005
 WORKER_STATE_TICK_S = 0.2
 
 
-def build_app(
-    config: Config, primary_url: str, ledger: Ledger | None = None, worker: int = 0
-) -> web.Application:
-    """The proxy as an aiohttp application, forwarding to ``primary_url``. ``ledger`` is
-    shared by the worker processes of one proxy, of which this is number ``worker``
-    (proxy/workers.py)."""
+def build_app(config: Config, primary_url: str, worker: Worker | None = None) -> web.Application:
+    """The proxy as an aiohttp application, forwarding to ``primary_url``; ``worker`` when
+    it is one of several worker processes (proxy/workers.py)."""
     app = web.Application(client_max_size=config.max_body_bytes)
     metrics = Metrics()
     app[CONFIG] = config
@@ -62,8 +64,9 @@ def build_app(
     app[STATE] = ProxyState()
     app[UPSTREAM] = Upstream(primary_url, config, metrics)
     app[GUARDS] = guards = Guards.from_config(config, metrics)
-    if ledger is not None:
-        app[LEDGER] = ledger
+    ledger = None
+    if worker is not None:
+        app[WORKER], ledger = worker, worker.ledger
     app[ROUTER] = ReplicaRouter(
         config, lambda router: _replica_source(app, router), guards.gate.check_deadline, ledger
     )
@@ -71,8 +74,8 @@ def build_app(
     app.cleanup_ctx.extend(
         [_loop_lag_ctx, _upstream_ctx, _heartbeat_ctx, _sample_ctx, _replicas_ctx]
     )
-    if ledger is not None:
-        app.cleanup_ctx.append(_worker_ctx(ledger, worker))
+    if worker is not None:
+        app.cleanup_ctx.append(_worker_ctx(worker))
     routes = [
         ("GET", "/healthz", handlers.healthz),
         ("GET", "/readyz", handlers.readyz),
@@ -89,8 +92,8 @@ def build_app(
 def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSource:
     """Who fills the replica set: the store (role replica) or this process' own builds."""
     config = app[CONFIG]
-    ledger = app.get(LEDGER)
-    settings = sync_settings(config, None if ledger is None else ledger.epoch)
+    worker = app.get(WORKER)
+    settings = sync_settings(config, None if worker is None else worker.ledger.epoch)
     if config.role == "replica":
         return StoreFollower(router.replicas, settings)
     metrics = app[METRICS]
@@ -150,11 +153,11 @@ def observed(handler: Handler) -> Handler:
     return handle
 
 
-def _worker_ctx(ledger: Ledger, worker: int) -> Callable[[web.Application], AsyncIterator[None]]:
+def _worker_ctx(worker: Worker) -> Callable[[web.Application], AsyncIterator[None]]:
     """One of several worker processes: say so in every response, keep this worker's state
-    in the ledger, and (the first worker, when it builds) rebuild after writes that the
-    other workers forwarded."""
-    set_worker(worker)
+    and metrics where the others see them, and (the first worker, when it builds) rebuild
+    after writes that the other workers forwarded."""
+    set_worker(worker.index)
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         router, state, config = app[ROUTER], app[STATE], app[CONFIG]
@@ -162,10 +165,16 @@ def _worker_ctx(ledger: Ledger, worker: int) -> Callable[[web.Application], Asyn
         def ready() -> bool:
             return not state.draining and (not config.replicas or router.scheduler.ready)
 
-        tasks = [asyncio.create_task(publish_state(ledger, worker, ready, WORKER_STATE_TICK_S))]
+        ledger = worker.ledger
+        jobs = [
+            publish_state(ledger, worker.index, ready, WORKER_STATE_TICK_S),
+            publish_metrics(app[METRICS], worker, METRICS_INTERVAL_S),
+        ]
         if isinstance(router.scheduler, RebuildScheduler):
-            relay = relay_writes(ledger, router.scheduler, router.replicas, WORKER_STATE_TICK_S)
-            tasks.append(asyncio.create_task(relay))
+            jobs.append(
+                relay_writes(ledger, router.scheduler, router.replicas, WORKER_STATE_TICK_S)
+            )
+        tasks = [asyncio.create_task(job) for job in jobs]
         yield
         for task in tasks:
             task.cancel()

@@ -14,7 +14,8 @@ from .errors import Overloaded
 from .forward import forward
 from .ledger import READY
 from .routes import RouteClass
-from .state import CONFIG, GUARDS, LEDGER, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE
+from .state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE, WORKER
+from .workers import render_all
 
 LOADING = "loading replicas from the snapshot store"
 
@@ -74,9 +75,9 @@ async def readyz(request: web.Request) -> web.Response:
     }
     if reason is not None:
         body["reason"] = reason
-    ledger = request.app.get(LEDGER)
-    if ledger is not None:  # this answer is one worker's; here is how the others are doing
-        states = ledger.states(request.app[CONFIG].workers)
+    worker = request.app.get(WORKER)
+    if worker is not None:  # this answer is one worker's; here is how the others are doing
+        states = worker.ledger.states(worker.count)
         body["workers"] = {"total": len(states), "ready": states.count(READY)}
     return web.json_response(body, status=200 if ready else 503)
 
@@ -87,6 +88,6 @@ async def metrics(request: web.Request) -> web.Response:
     if guards.cache is not None:
         metrics.cache_bytes.set(guards.cache.bytes_used)
         metrics.cache_entries.set(len(guards.cache))
-    return web.Response(
-        body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    worker = request.app.get(WORKER)
+    body = metrics.render() if worker is None else render_all(metrics, worker)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from .embedded import EmbeddedPrimary
 from .ledger import LISTENING, Ledger
 from .sample import NAME as SAMPLE_NAME
 from .state import METRICS, STATE
-from .workers import Workers, new_ledger
+from .workers import Worker, Workers, first_worker, until_orphaned
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,20 @@ async def serve(config: Config) -> None:
             log.info("starting embedded Chroma primary (data in %s)", embedded.path)
             await stack.enter_async_context(embedded)
             primary_url = embedded.url
-        ledger = None
+        first = None
         if config.workers > 1:
-            ledger = new_ledger(config)
-            stack.callback(ledger.close)
-        app = build_app(config, primary_url, ledger)
-        runner = await _listen(app, config, reuse_port=ledger is not None)
+            first = first_worker(config)
+            stack.callback(shutil.rmtree, first.run_dir, True)
+            stack.callback(first.ledger.close)
+        app = build_app(config, primary_url, first)
+        runner = await _listen(app, config, reuse_port=first is not None)
         workers = None
-        if ledger is not None:
-            workers = Workers(config, primary_url, _address(config, runner), ledger)
+        if first is not None:
+            workers = Workers(config, primary_url, _address(config, runner), first)
             workers.start()
             supervisor = asyncio.create_task(workers.supervise(), name="worker-supervisor")
             stack.push_async_callback(_cancel, supervisor)
-            await _until_listening(ledger, config.workers, config.embedded_start_timeout_s)
+            await _until_listening(first.ledger, config.workers, config.embedded_start_timeout_s)
         _announce(config, runner, primary_url, embedded is not None)
         on_signal = workers.signal if workers is not None else None
         await _wait_for_signal(on_signal)
@@ -62,17 +64,27 @@ async def serve(config: Config) -> None:
             await workers.wait(config.drain_timeout_s + 5.0)
 
 
-async def serve_worker(config: Config, index: int, ledger: Ledger) -> None:
-    """Workers 1..N-1 (proxy/workers.py): the same app, on the same port, sharing the ledger."""
+async def serve_worker(config: Config, worker: Worker) -> None:
+    """Workers 1..N-1 (proxy/workers.py): the same app, on the same port, sharing the ledger.
+    They stop on a signal from worker 0, or on their own when it died without sending one."""
     assert config.primary_url is not None
+    parent = os.getppid()
     try:
-        app = build_app(config, config.primary_url, ledger, worker=index)
+        app = build_app(config, config.primary_url, worker)
         runner = await _listen(app, config, reuse_port=True)
-        log.info("worker %d (pid %d) serving on %s", index, os.getpid(), config.listen)
-        await _wait_for_signal(None)
+        log.info("worker %d (pid %d) serving on %s", worker.index, os.getpid(), config.listen)
+        signalled = asyncio.create_task(_wait_for_signal(None))
+        orphaned = asyncio.create_task(until_orphaned(parent))
+        await asyncio.wait({signalled, orphaned}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (signalled, orphaned):
+            await _cancel(task)
+        if orphaned.done() and not orphaned.cancelled():
+            log.warning("worker 0 (pid %d) is gone; shutting down", parent)
         await _drain(app, runner, config, None)
     finally:
-        ledger.close()
+        worker.ledger.close()
+        if os.getppid() != parent:  # nobody else is left to clean up
+            shutil.rmtree(worker.run_dir, ignore_errors=True)
 
 
 async def _listen(app: web.Application, config: Config, *, reuse_port: bool) -> web.AppRunner:

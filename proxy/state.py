@@ -12,11 +12,11 @@ from aiohttp import web
 
 from .config import Config
 from .guards import Guards
-from .ledger import Ledger
 from .metrics import Metrics
 from .replicas import ReplicaRouter
 from .routes import Route
 from .upstream import Upstream
+from .workers import Worker
 
 
 @dataclass(slots=True)
@@ -43,7 +43,7 @@ STATE = web.AppKey("state", ProxyState)
 UPSTREAM = web.AppKey("upstream", Upstream)
 ROUTER = web.AppKey("router", ReplicaRouter)
 GUARDS = web.AppKey("guards", Guards)
-LEDGER = web.AppKey("ledger", Ledger)  # only with several worker processes
+WORKER = web.AppKey("worker", Worker)  # only with several worker processes
 
 # Per-request values (request[KEY]).
 ROUTE = web.RequestKey("route", Route)

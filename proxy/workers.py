@@ -11,17 +11,20 @@ How:
   as role replica does, so one export and one build serve every worker.
 * Forwarded writes are counted in a shared ledger (proxy/ledger.py): read-your-writes and the
   cache's invalidation hold whichever worker a request reaches, and worker 0 rebuilds after a
-  write that another worker forwarded (relay_writes).
+  write that another worker forwarded (relay_writes). A worker that cannot export asks for
+  on-demand replicas through the store (sync/scheduler.py ask_for).
+* /metrics on any worker answers for all of them, each series labelled worker="i": every
+  worker leaves its figures in a shared run directory once a second (publish_metrics).
 * Worker 0 supervises: a worker that exits unexpectedly is started again; on SIGTERM it
-  passes the signal on and every worker drains on its own; the workers get SIGTERM if worker
-  0 dies (PR_SET_PDEATHSIG), so none is left holding the port.
+  passes the signal on and every worker drains on its own. A worker whose worker 0 died
+  outright drains and exits too (within ORPHAN_CHECK_S), so none is left holding the port.
+  (Not PR_SET_PDEATHSIG: it fires when the spawning *thread* exits, which a dying worker 0
+  does before the rest of it, so a worker could not tell that from a shutdown request.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -29,25 +32,49 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from index.holder import ReplicaSet
 from sync.scheduler import RebuildScheduler
 
 from .config import Config
 from .ledger import LISTENING, READY, STARTING, Ledger
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0
-_PR_SET_PDEATHSIG = 1
+ORPHAN_CHECK_S = 0.5
 
 
-def new_ledger(config: Config) -> Ledger:
-    """The workers' ledger: in memory (/dev/shm) where there is one."""
+METRICS_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """This process as worker ``index`` of ``count``: what it shares with the others."""
+
+    index: int
+    count: int
+    ledger: Ledger
+    run_dir: Path  # each worker's metrics, for the others' /metrics
+
+
+def first_worker(config: Config) -> Worker:
+    """Worker 0's view, with a new ledger and run directory, in memory (/dev/shm) where
+    there is one. The caller closes the ledger and removes the directory."""
     shm = Path("/dev/shm")
-    return Ledger.create(shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(config.data_dir))
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(config.data_dir)
+    run_dir = Path(tempfile.mkdtemp(prefix="replica-proxy-", dir=base))
+    return Worker(0, config.workers, Ledger.create(run_dir), run_dir)
 
 
 def worker_config(config: Config, primary_url: str, listen: str) -> Config:
@@ -65,10 +92,10 @@ def worker_config(config: Config, primary_url: str, listen: str) -> Config:
 class Workers:
     """Worker 0's view of workers 1..N-1: start, restart, stop."""
 
-    def __init__(self, config: Config, primary_url: str, listen: str, ledger: Ledger) -> None:
+    def __init__(self, config: Config, primary_url: str, listen: str, first: Worker) -> None:
         self.count = config.workers
         self._config = worker_config(config, primary_url, listen)
-        self._ledger = ledger
+        self._first = first
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._stopping = False
 
@@ -79,10 +106,11 @@ class Workers:
     def _spawn(self, index: int) -> None:
         settings = {f.name: getattr(self._config, f.name) for f in dataclasses.fields(Config)}
         # The settings go through stdin: the command line would show admin_token to `ps`.
+        fd, run_dir = self._first.ledger.fd, self._first.run_dir
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.workers", str(index), str(self._ledger.fd)],
+            [sys.executable, "-m", "proxy.workers", str(index), str(fd), str(run_dir)],
             stdin=subprocess.PIPE,
-            pass_fds=(self._ledger.fd,),
+            pass_fds=(fd,),
             start_new_session=True,  # Ctrl-C reaches worker 0 only; it passes SIGTERM on
         )
         assert proc.stdin is not None
@@ -149,17 +177,59 @@ async def publish_state(
         ledger.set_state(index, STARTING)
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+async def publish_metrics(metrics: Metrics, worker: Worker, interval_s: float) -> None:
+    """Leave this worker's metrics where the others' /metrics reads them."""
+    path = worker.run_dir / f"metrics-{worker.index}.prom"
+    tmp = path.with_suffix(".tmp")
+    while True:
+        tmp.write_bytes(metrics.render())
+        os.replace(tmp, path)
+        await asyncio.sleep(interval_s)
+
+
+def render_all(metrics: Metrics, worker: Worker) -> bytes:
+    """Every worker's metrics in one exposition, each series labelled with its worker: this
+    one's as of now, the others' as of their last publish_metrics (at most a second old)."""
+    families: dict[str, Metric] = {}
+    for index in range(worker.count):
+        if index == worker.index:
+            text = metrics.render().decode()
+        else:
+            try:
+                text = (worker.run_dir / f"metrics-{index}.prom").read_text()
+            except FileNotFoundError:  # starting
+                continue
+        for family in text_string_to_metric_families(text):
+            label = {"worker": str(index)}
+            samples = [s._replace(labels={**s.labels, **label}) for s in family.samples]
+            merged = families.setdefault(family.name, family)
+            merged.samples = samples if merged is family else merged.samples + samples
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+async def until_orphaned(parent: int) -> None:
+    """Return once this process' parent (worker 0) is gone. Polled: nothing signals it (see
+    the module docstring), and a getppid() twice a second costs nothing."""
+    while True:
+        if os.getppid() != parent:
+            return
+        await asyncio.sleep(ORPHAN_CHECK_S)
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of workers 1..N-1: ``python -m proxy.workers INDEX LEDGER_FD`` with the
-    settings as JSON on stdin."""
-    _die_with_parent()
-    index, inherited = int(argv[0]), int(argv[1])
+    """Entry point of workers 1..N-1: ``python -m proxy.workers INDEX LEDGER_FD RUN_DIR``
+    with the settings as JSON on stdin."""
+    index, inherited, run_dir = int(argv[0]), int(argv[1]), Path(argv[2])
     ledger = Ledger.open(Path(f"/proc/self/fd/{inherited}"))
     os.close(inherited)
     config = Config(**json.loads(sys.stdin.read()))
@@ -167,7 +237,7 @@ def main(argv: list[str]) -> int:
     from .server import serve_worker
 
     configure_logging(config.log_level, index)
-    run_loop(config, serve_worker(config, index, ledger))
+    run_loop(config, serve_worker(config, Worker(index, config.workers, ledger, run_dir)))
     return 0
 
 

@@ -110,6 +110,28 @@ def test_writes_through_one_worker_are_read_back_through_the_other(
         assert _get(w1, cid, ["new-0", "r1"])[0] == ["r1"]
 
 
+def test_metrics_on_any_worker_cover_all_workers(proxy: ProxyProcess, collection: str) -> None:
+    w0, w1 = _pinned(proxy.url, "0"), _pinned(proxy.url, "1")
+    with closing(w0), closing(w1):
+        for _ in range(3):
+            w1.get(f"{D}/collections/{collection}/count")
+
+        def counted_by_worker_1() -> bool:
+            text = w0.get("/metrics").text
+            return any(
+                line.startswith("replica_proxy_requests_total{")
+                and 'op="count"' in line
+                and 'worker="1"' in line
+                and line.endswith(" 3.0")
+                for line in text.splitlines()
+            )
+
+        wait_until(counted_by_worker_1, 10, "worker 1's requests in worker 0's /metrics")
+        text = w0.get("/metrics").text
+        assert 'replica_proxy_requests_total{op="healthz"' in text
+        assert text.count("# TYPE replica_proxy_requests_total counter") == 1
+
+
 def test_a_worker_that_dies_is_started_again(proxy: ProxyProcess, collection: str) -> None:
     [pid] = _worker_pids(proxy)
     os.kill(pid, signal.SIGKILL)
@@ -131,9 +153,13 @@ def test_workers_stop_with_the_first_process(proxy: ProxyProcess) -> None:
 
 def test_workers_die_with_a_killed_first_process(proxy: ProxyProcess) -> None:
     [pid] = _worker_pids(proxy)
+    run_dir = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode())
+    assert run_dir.is_dir()
     proxy.signal(signal.SIGKILL)
     proxy.wait(30)
     wait_until(lambda: not _alive(pid), 30, "the orphaned worker to exit")
+    assert not run_dir.exists()  # nothing left behind in /dev/shm
+    assert "worker 0 (pid" in proxy.logs() and "is gone; shutting down" in proxy.logs()
 
 
 def _worker_pids(proxy: ProxyProcess) -> list[int]:

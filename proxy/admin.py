@@ -25,7 +25,7 @@ from aiohttp.typedefs import Handler
 
 from index.reaper import REAPER
 from index.snapshot import MANIFEST, Manifest
-from sync.scheduler import RebuildScheduler, newest_snapshots
+from sync.scheduler import RebuildScheduler, Wanted, newest_snapshots
 
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from .state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM
@@ -105,12 +105,8 @@ def _rss_bytes() -> int:
 
 async def rebuild(request: web.Request) -> web.Response:
     _authorize(request)
-    scheduler = request.app[ROUTER].scheduler
-    if not isinstance(scheduler, RebuildScheduler) or not request.app[CONFIG].replicas:
-        raise Conflict(
-            f"role {request.app[CONFIG].role} does not build: ask the builder (or a standalone "
-            "proxy) to rebuild"
-        )
+    if not request.app[CONFIG].replicas:
+        raise Conflict("replicas are off: there is nothing to rebuild")
     body = await _body(request)
     collection = body.get("collection")
     if not isinstance(collection, str) or not collection:
@@ -119,10 +115,16 @@ async def rebuild(request: web.Request) -> web.Response:
     database = str(body.get("database", "default_database"))
     hnsw = _hnsw(body.get("hnsw"))
     model = await _lookup(request, tenant, database, collection)
-    scheduler.request(
-        model["id"], model["tenant"], model["database"], hnsw=hnsw, even_if_building=True
-    )
-    return _json({"queued": model["id"], "name": model["name"], "hnsw": hnsw or None}, status=202)
+    scheduler = request.app[ROUTER].scheduler
+    where = (model["id"], model["tenant"], model["database"])
+    if isinstance(scheduler, RebuildScheduler):
+        scheduler.request(*where, hnsw=hnsw, even_if_building=True)
+        by = "this process"
+    else:  # role replica, or a worker after the first: the builder takes it from the store
+        await scheduler.ask_builder(Wanted(*where, rebuild=True, hnsw=hnsw or None))
+        by = "the builder, through the snapshot store"
+    body = {"queued": model["id"], "name": model["name"], "hnsw": hnsw or None, "by": by}
+    return _json(body, status=202)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

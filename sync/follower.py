@@ -24,7 +24,7 @@ from index.errors import SnapshotError
 from index.holder import ReplicaSet
 
 from .build import open_snapshot
-from .scheduler import SyncSettings, ask_for, newest_snapshots
+from .scheduler import SyncSettings, Wanted, ask_for, newest_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,13 @@ class StoreFollower:
 
     async def _ask(self, collection_id: str, tenant: str, database: str) -> None:
         try:
-            await asyncio.to_thread(ask_for, self._settings.store, collection_id, tenant, database)
+            await self.ask_builder(Wanted(collection_id, tenant, database))
         except OSError as exc:
             log.warning("could not ask the builder for %s: %s", collection_id, exc)
+
+    async def ask_builder(self, wanted: Wanted) -> None:
+        """Leave a request in the store for the builder (OSError if the store is unwritable)."""
+        await asyncio.to_thread(ask_for, self._settings.store, wanted)
 
     def wants(self, collection_id: str) -> bool:
         return self._replicas.get(collection_id) is not None

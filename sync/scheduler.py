@@ -262,10 +262,16 @@ class RebuildScheduler:
             except OSError as exc:
                 log.warning("reading on-demand requests from the store failed: %s", exc)
                 continue
-            for cid, tenant, database in wanted:
-                if cid not in self._where:
-                    log.info("collection %s asked for by another process", cid)
-                    self.request(cid, tenant, database)
+            for want in wanted:
+                if want.rebuild or want.collection_id not in self._where:
+                    log.info("collection %s asked for by another process", want.collection_id)
+                    self.request(
+                        want.collection_id,
+                        want.tenant,
+                        want.database,
+                        hnsw=want.hnsw,
+                        even_if_building=want.rebuild,
+                    )
 
     def _failed(self, collection_id: str, exc: Exception) -> None:
         count = self._failures.get(collection_id, 0) + 1
@@ -380,18 +386,31 @@ def newest_snapshots(store: Path) -> list[list[Path]]:
     ]
 
 
-def ask_for(store: Path, collection_id: str, tenant: str, database: str) -> None:
-    """Blocking: ask the process that builds for this store for a replica of a collection."""
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """A request left in the store by a process that cannot build (ask_for)."""
+
+    collection_id: str
+    tenant: str
+    database: str
+    rebuild: bool = False  # an admin rebuild: build even if replicated (else only if not)
+    hnsw: dict[str, int] | None = None
+
+
+def ask_for(store: Path, wanted: Wanted) -> None:
+    """Blocking: ask the process that builds for this store for a replica of a collection,
+    or (``rebuild``) for a new one now."""
     directory = store / WANTED
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{collection_id}.{os.getpid()}.tmp"
-    tmp.write_bytes(orjson.dumps({"tenant": tenant, "database": database}))
-    os.replace(tmp, directory / collection_id)
+    tmp = directory / f".{wanted.collection_id}.{os.getpid()}.tmp"
+    body = {"tenant": wanted.tenant, "database": wanted.database, "rebuild": wanted.rebuild}
+    tmp.write_bytes(orjson.dumps({**body, "hnsw": wanted.hnsw}))
+    os.replace(tmp, directory / wanted.collection_id)
 
 
-def take_wanted(store: Path) -> list[tuple[str, str, str]]:
-    """Blocking: the requests ask_for left, (collection id, tenant, database), removed as
-    they are read. Anything malformed is dropped."""
+def take_wanted(store: Path) -> list[Wanted]:
+    """Blocking: the requests ask_for left, removed as they are read. Anything malformed is
+    dropped (and logged)."""
     directory = store / WANTED
     if not directory.is_dir():
         return []
@@ -400,11 +419,20 @@ def take_wanted(store: Path) -> list[tuple[str, str, str]]:
         if entry.name.startswith("."):
             continue
         try:
-            where = orjson.loads(entry.read_bytes())
-            request = (entry.name, str(where["tenant"]), str(where["database"]))
-        except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-            request = None
+            raw = orjson.loads(entry.read_bytes())
+            hnsw = raw.get("hnsw")
+            wanted = Wanted(
+                entry.name,
+                str(raw["tenant"]),
+                str(raw["database"]),
+                raw.get("rebuild") is True,
+                {str(k): int(v) for k, v in hnsw.items()} if hnsw else None,
+            )
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            wanted = None
         entry.unlink(missing_ok=True)
-        if request is not None and _UUID.fullmatch(entry.name):
-            found.append(request)
+        if wanted is not None and _UUID.fullmatch(entry.name):
+            found.append(wanted)
+        else:
+            log.warning("dropping a malformed request %s from the store", entry)
     return found

@@ -6,7 +6,14 @@ import asyncio
 from pathlib import Path
 
 from index.holder import ReplicaSet
-from sync.scheduler import WANTED, RebuildScheduler, SyncSettings, ask_for, take_wanted
+from sync.scheduler import (
+    WANTED,
+    RebuildScheduler,
+    SyncSettings,
+    Wanted,
+    ask_for,
+    take_wanted,
+)
 
 
 def _scheduler(tmp_path: Path) -> RebuildScheduler:
@@ -38,10 +45,13 @@ async def test_an_admin_rebuild_during_a_build_queues_another(tmp_path: Path) ->
 
 def test_on_demand_requests_pass_through_the_store_once(tmp_path: Path) -> None:
     cid = "0b9d6f5e-1c2a-4e3b-9f00-123456789abc"
-    ask_for(tmp_path, cid, "default_tenant", "db one")
-    ask_for(tmp_path, cid, "default_tenant", "db one")  # asked twice: built once
+    ask_for(tmp_path, Wanted(cid, "default_tenant", "db one"))
+    ask_for(tmp_path, Wanted(cid, "default_tenant", "db one"))  # asked twice: built once
     (tmp_path / WANTED / "not-a-uuid").write_bytes(b'{"tenant": "t", "database": "d"}')
     (tmp_path / WANTED / "0b9d6f5e-1c2a-4e3b-9f00-000000000000").write_bytes(b"garbage")
-    assert take_wanted(tmp_path) == [(cid, "default_tenant", "db one")]
+    assert take_wanted(tmp_path) == [Wanted(cid, "default_tenant", "db one")]
     assert list((tmp_path / WANTED).iterdir()) == []  # taken, and the junk dropped
     assert take_wanted(tmp_path) == []
+    rebuild = Wanted(cid, "t", "d", rebuild=True, hnsw={"ef_search": 300})
+    ask_for(tmp_path, rebuild)
+    assert take_wanted(tmp_path) == [rebuild]

@@ -1,4 +1,5 @@
-"""build_app(): routes, middleware and lifecycle of one proxy. Nothing else lives here."""
+"""build_app(): routes (each wrapped by `observed`, the one place errors become responses),
+worker wiring and lifecycle of one proxy. Nothing else lives here."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ from index.snapshot import MANIFEST, Manifest
 from sync.scheduler import RebuildScheduler, Wanted, newest_snapshots
 
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from .state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM
+from .ledger import LISTENING, READY, STARTING
+from .state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM, WORKER
 
 # Accepted HNSW overrides and their sane ranges.
 _HNSW_LIMITS = {"M": (2, 128), "ef_construction": (1, 10_000), "ef_search": (1, 10_000)}
@@ -61,9 +62,16 @@ async def status(request: web.Request) -> web.Response:
     app = request.app
     router, config = app[ROUTER], app[CONFIG]
     replicas = [_replica_status(r) for r in router.replicas]
+    worker = app.get(WORKER)
+    workers = None
+    if worker is not None:  # this answer is one worker's: say which, and how the others are
+        names = {STARTING: "starting", LISTENING: "listening", READY: "ready"}
+        states = [names.get(s, "unknown") for s in worker.ledger.states(worker.count)]
+        workers = {"this": worker.index, "states": states}
     return _json(
         {
             "role": config.role,
+            "workers": workers,
             "ready": router.scheduler.ready,
             "primary_up": app[STATE].primary_up,
             "draining": app[STATE].draining,

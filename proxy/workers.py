@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,9 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-RESTART_DELAY_S = 1.0
+RESTART_DELAY_S = 1.0  # doubled for a worker that keeps dying young, up to RESTART_MAX_S
+RESTART_MAX_S = 30.0
+YOUNG_S = 10.0
 ORPHAN_CHECK_S = 0.5
 
 
@@ -89,6 +92,15 @@ def worker_config(config: Config, primary_url: str, listen: str) -> Config:
     )
 
 
+def restart_delay(previous_s: float, lived_s: float) -> float:
+    """How long to wait before starting again a worker that exited after ``lived_s``: at
+    once if it ran a while, else twice the previous wait (at least RESTART_DELAY_S, at most
+    RESTART_MAX_S), so that a worker that cannot start does not spin."""
+    if lived_s >= YOUNG_S:
+        return 0.0
+    return min(max(2 * previous_s, RESTART_DELAY_S), RESTART_MAX_S)
+
+
 class Workers:
     """Worker 0's view of workers 1..N-1: start, restart, stop."""
 
@@ -97,6 +109,8 @@ class Workers:
         self._config = worker_config(config, primary_url, listen)
         self._first = first
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._started: dict[int, float] = {}
+        self._delay: dict[int, float] = {}
         self._stopping = False
 
     def start(self) -> None:
@@ -117,15 +131,31 @@ class Workers:
         proc.stdin.write(json.dumps(settings).encode())
         proc.stdin.close()
         self._procs[index] = proc
+        self._started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, proc.pid)
 
     async def supervise(self) -> None:
-        """Start again any worker that exits while the proxy is not shutting down."""
+        """Start again any worker that exits while the proxy is not shutting down; one that
+        keeps dying within YOUNG_S of its start waits twice as long each time."""
+        due: dict[int, float] = {}
         while True:
             await asyncio.sleep(RESTART_DELAY_S)
+            now = time.monotonic()
             for index, proc in list(self._procs.items()):
-                if proc.poll() is not None and not self._stopping:
-                    log.error("worker %d exited (%s); starting it again", index, proc.returncode)
+                if proc.poll() is None or self._stopping:
+                    continue
+                if index not in due:  # its exit is news
+                    lived = now - self._started[index]
+                    delay = self._delay[index] = restart_delay(self._delay.get(index, 0.0), lived)
+                    due[index] = now + delay
+                    log.error(
+                        "worker %d exited (%s); starting it again in %.0fs",
+                        index,
+                        proc.returncode,
+                        delay,
+                    )
+                if now >= due[index]:
+                    del due[index]
                     self._spawn(index)
 
     def signal(self) -> None:

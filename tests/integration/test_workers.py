@@ -22,6 +22,7 @@ from tests.helpers import ChromaServer, ProxyProcess, pids_running, wait_until
 
 D = "/api/v2/tenants/default_tenant/databases/default_database"
 ROWS, DIM = 600, 8
+TOKEN = "workers-admin-token-0123"
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def proxy(chroma: ChromaServer, collection: str, log_dir: Path) -> Iterator[Prox
     proc = ProxyProcess(
         "--primary", chroma.url, "--workers", "2", "--data-dir", str(log_dir / "data"),
         "--store-poll-interval-s", "0.2", "--rebuild-debounce-s", "0.2", "--replicate", "",
-        log_dir=log_dir,
+        "--admin-token", TOKEN, log_dir=log_dir,
     )  # fmt: skip
     try:
         wait_until(lambda: _workers_ready(proc.url) == 2, 60, "both workers ready")
@@ -113,6 +114,9 @@ def test_writes_through_one_worker_are_read_back_through_the_other(
 def test_metrics_on_any_worker_cover_all_workers(proxy: ProxyProcess, collection: str) -> None:
     w0, w1 = _pinned(proxy.url, "0"), _pinned(proxy.url, "1")
     with closing(w0), closing(w1):
+        status = w1.get("/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert status["workers"] == {"this": 1, "states": ["ready", "ready"]}
+        assert status["role"] == "replica"  # it follows the first worker's store
         for _ in range(3):
             w1.get(f"{D}/collections/{collection}/count")
 

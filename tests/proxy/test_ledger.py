@@ -1,4 +1,5 @@
-"""The ledger that worker processes share: two maps of one file stand for two processes."""
+"""What worker processes share (the ledger: two maps of one file stand for two processes),
+and how worker 0 restarts them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from proxy.consistency import Level, Writes, WriteTracker, replica_may_answer
 from proxy.ledger import LISTENING, READY, SIZE, STARTING, Ledger
+from proxy.workers import RESTART_MAX_S, YOUNG_S, restart_delay
 
 A = "5f0c1a2e-0000-4000-8000-00000000000a"
 B = "5f0c1a2e-0000-4000-8000-00000000000b"
@@ -87,3 +89,12 @@ def test_a_new_ledger_leaves_no_file_behind(tmp_path: Path) -> None:
     ledger = Ledger.create(tmp_path)
     assert list(tmp_path.iterdir()) == []
     ledger.close()
+
+
+def test_a_worker_that_keeps_dying_young_is_restarted_ever_more_slowly() -> None:
+    delays = [0.0]
+    for _ in range(8):
+        delays.append(restart_delay(delays[-1], lived_s=0.5))
+    assert delays[1:5] == [1.0, 2.0, 4.0, 8.0]
+    assert delays[-1] == RESTART_MAX_S
+    assert restart_delay(delays[-1], lived_s=YOUNG_S + 1) == 0.0  # it ran a while: at once

@@ -96,7 +96,8 @@ def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSourc
     worker = app.get(WORKER)
     settings = sync_settings(config, None if worker is None else worker.ledger.epoch)
     if config.role == "replica":
-        return StoreFollower(router.replicas, settings)
+        # Of several workers, only the first tells the builder about writes (relay_writes).
+        return StoreFollower(router.replicas, settings, worker is None or worker.index == 0)
     metrics = app[METRICS]
     return RebuildScheduler(
         app[UPSTREAM], router.replicas, settings, router.tracker.seq, metrics.on_build
@@ -156,8 +157,8 @@ def observed(handler: Handler) -> Handler:
 
 def _worker_ctx(worker: Worker) -> Callable[[web.Application], AsyncIterator[None]]:
     """One of several worker processes: say so in every response, keep this worker's state
-    and metrics where the others see them, and (the first worker, when it builds) rebuild
-    after writes that the other workers forwarded."""
+    and metrics where the others see them, and (the first worker) have writes that the
+    others forwarded rebuilt, as its own are."""
     set_worker(worker.index)
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
@@ -171,10 +172,9 @@ def _worker_ctx(worker: Worker) -> Callable[[web.Application], AsyncIterator[Non
             publish_state(ledger, worker.index, ready, WORKER_STATE_TICK_S),
             publish_metrics(app[METRICS], worker, METRICS_INTERVAL_S),
         ]
-        if isinstance(router.scheduler, RebuildScheduler):
-            jobs.append(
-                relay_writes(ledger, router.scheduler, router.replicas, WORKER_STATE_TICK_S)
-            )
+        if worker.index == 0 and config.replicas:  # the others' writes reach the builder here
+            relay = relay_writes(ledger, router.scheduler, router.replicas, WORKER_STATE_TICK_S)
+            jobs.append(relay)
         tasks = [asyncio.create_task(job) for job in jobs]
         yield
         for task in tasks:

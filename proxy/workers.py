@@ -44,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from index.holder import ReplicaSet
+from sync.follower import StoreFollower
 from sync.scheduler import RebuildScheduler
 
 from .config import Config
@@ -177,10 +178,14 @@ class Workers:
 
 
 async def relay_writes(
-    ledger: Ledger, scheduler: RebuildScheduler, replicas: ReplicaSet, interval_s: float
+    ledger: Ledger,
+    scheduler: RebuildScheduler | StoreFollower,
+    replicas: ReplicaSet,
+    interval_s: float,
 ) -> None:
     """Worker 0: a write that another worker forwarded asks for the same rebuild as one of
-    its own (a collection's counter in the ledger moved)."""
+    its own (a collection's counter in the ledger moved): worker 0 builds it, or (role
+    replica) asks the builder for it."""
     seen: dict[str, int] = {}
     while True:
         await asyncio.sleep(interval_s)

@@ -8,8 +8,10 @@ remembered, and the old generation keeps serving. A collection whose directory d
 (the builder saw it deleted) stops being served.
 
 It has the scheduler's interface (proxy/replicas.py uses either). A replica never asks the
-primary for anything; a read of a collection it does not serve asks the builder, through the
-store (scheduler.ask_for).
+primary for anything; it asks the builder, through the store (scheduler.ask_for), for a
+collection it does not serve (on a read) and for a new cut of one it forwarded a write to
+(once writes to it pause for debounce_s), so that its reads are local again without waiting
+for the builder's next refresh.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ log = logging.getLogger(__name__)
 
 
 class StoreFollower:
-    def __init__(self, replicas: ReplicaSet, settings: SyncSettings) -> None:
+    def __init__(
+        self, replicas: ReplicaSet, settings: SyncSettings, asks_on_write: bool = True
+    ) -> None:
+        """``asks_on_write`` False: another process relays this one's writes to the builder
+        (the first of several workers, proxy/workers.py relay_writes)."""
         self._replicas = replicas
         self._settings = settings
+        self._asks_on_write = asks_on_write
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._refused: set[Path] = set()
         self._task: asyncio.Task[None] | None = None
         self._asking: set[asyncio.Task[None]] = set()
@@ -48,6 +56,8 @@ class StoreFollower:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -57,15 +67,18 @@ class StoreFollower:
 
     def request(self, collection_id: str, tenant: str, database: str, **_: Any) -> None:
         """On demand: ask the builder (proxy/replicas.py asks at most every 30 s)."""
-        task = asyncio.create_task(self._ask(collection_id, tenant, database))
+        self._spawn_ask(Wanted(collection_id, tenant, database))
+
+    def _spawn_ask(self, wanted: Wanted) -> None:
+        task = asyncio.create_task(self._ask(wanted))
         self._asking.add(task)
         task.add_done_callback(self._asking.discard)
 
-    async def _ask(self, collection_id: str, tenant: str, database: str) -> None:
+    async def _ask(self, wanted: Wanted) -> None:
         try:
-            await self.ask_builder(Wanted(collection_id, tenant, database))
+            await self.ask_builder(wanted)
         except OSError as exc:
-            log.warning("could not ask the builder for %s: %s", collection_id, exc)
+            log.warning("could not ask the builder for %s: %s", wanted.collection_id, exc)
 
     async def ask_builder(self, wanted: Wanted) -> None:
         """Leave a request in the store for the builder (OSError if the store is unwritable)."""
@@ -75,7 +88,27 @@ class StoreFollower:
         return self._replicas.get(collection_id) is not None
 
     def notify_write(self, collection_id: str) -> None:
-        pass
+        """A write to a collection this process serves went through it: once writes to it
+        pause for debounce_s, ask the builder for a new cut."""
+        if not self._asks_on_write or self._replicas.get(collection_id) is None:
+            return
+        old = self._timers.pop(collection_id, None)
+        if old is not None:
+            old.cancel()
+        self._timers[collection_id] = asyncio.get_running_loop().call_later(
+            self._settings.debounce_s, self._ask_rebuild, collection_id
+        )
+
+    def _ask_rebuild(self, collection_id: str) -> None:
+        self._timers.pop(collection_id, None)
+        replica = self._replicas.get(collection_id)
+        if replica is not None:
+            model = replica.manifest.collection
+            self._spawn_ask(Wanted(collection_id, model["tenant"], model["database"], True))
+
+    def known(self) -> list[str]:
+        """The collections this process serves."""
+        return [replica.collection_id for replica in self._replicas]
 
     def forget(self, collection_id: str) -> None:
         # Deleted through this proxy: stop serving now; the builder removes the snapshots.

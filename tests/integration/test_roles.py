@@ -202,6 +202,21 @@ def _replica_checks(
             assert after.headers["X-Proxy-Replica-Generation"] == str(good)
             shutil.rmtree(broken)
         assert "refusing snapshot" in replica.logs()
+        # A write through the replica: read back at once (from the primary), and local again
+        # once the builder, asked through the store, has published a cut that includes it
+        # (its own refresh is two minutes away).
+        new = {"ids": ["via-replica"], "embeddings": [[50.0] * DIM], "documents": ["new"]}
+        assert r.post(f"{D}/collections/{cid}/add", json=new).status_code == 201
+
+        def read_back() -> httpx.Response:
+            resp = r.post(f"{D}/collections/{cid}/get", json={"ids": ["via-replica"]})
+            assert resp.json()["ids"] == ["via-replica"]
+            return resp
+
+        assert read_back().headers["X-Proxy-Source"] == "primary"
+        wait_until(
+            lambda: read_back().headers["X-Proxy-Source"] == "replica", 30, "a cut with the write"
+        )
 
 
 def _flip_byte(snapshot: Path) -> None:

@@ -78,6 +78,7 @@ class ReplicaIndex:
     # proxy/consistency.py); -1 means "may miss writes", e.g. when loaded from an older process.
     covers_write_seq: int = -1
     # Derived once at construction.
+    collection_id: str = field(init=False)  # read on every request: not a property
     n: int = field(init=False)
     columns: Columns = field(init=False)
     row_of: dict[str, int] = field(init=False)
@@ -85,6 +86,7 @@ class ReplicaIndex:
     _inverse_norms_cache: npt.NDArray[np.float32] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        self.collection_id = self.manifest.collection_id
         self.n = len(self.records.ids)
         self.columns = Columns(self.records.metadatas)
         self.row_of = {rid: row for row, rid in enumerate(self.records.ids)}
@@ -93,10 +95,6 @@ class ReplicaIndex:
     @property
     def documents(self) -> list[str | None]:
         return self.records.documents
-
-    @property
-    def collection_id(self) -> str:
-        return self.manifest.collection_id
 
     @property
     def generation(self) -> int:

@@ -61,7 +61,8 @@ async def read(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request) if request.body_exists else b""
     primary_unreachable = not app[STATE].primary_up or app[UPSTREAM].breaker.state != Breaker.CLOSED
     stale = primary_unreachable  # nobody can tell how current the replica is: say so
-    if not router.fresh_enough(replica, level):
+    age_s = replica.age_s()
+    if not router.fresh_enough(replica, level, age_s):
         metrics.local_fallbacks.labels("consistency").inc()
         if level is Level.STRONG or not primary_unreachable:
             try:
@@ -79,7 +80,7 @@ async def read(request: web.Request) -> web.StreamResponse:
     request[SOURCE] = source
     headers = {
         "Content-Type": "application/json",
-        "X-Proxy-Replica-Age": f"{replica.age_s():.3f}",
+        "X-Proxy-Replica-Age": f"{age_s:.3f}",
         "X-Proxy-Replica-Generation": str(replica.generation),
     }
     if stale:

@@ -110,14 +110,14 @@ class ReplicaRouter:
                 f"{CONSISTENCY_HEADER} must be one of strong, session, bounded, eventual"
             ) from None
 
-    def fresh_enough(self, replica: ReplicaIndex, level: Level) -> bool:
+    def fresh_enough(self, replica: ReplicaIndex, level: Level, age_s: float) -> bool:
         return replica_may_answer(
             level,
             covers_seq=replica.covers_write_seq,
             cut_at=replica.manifest.created_at,
             tracker=self.tracker,
             collection_id=replica.collection_id,
-            age_s=replica.age_s(),
+            age_s=age_s,
             max_staleness_s=self.config.max_staleness_s,
         )
 

@@ -139,8 +139,9 @@ class Config:
         "over them). One event loop is what saturates first, so set it to the number of cores "
         "a proxy may use. The first process builds replicas (role standalone) and supervises; "
         "the others load each published snapshot, as role replica does, at the cost of one "
-        "more copy of every HNSW index in memory. Writes are shared among them, so "
-        "read-your-writes holds whichever process a request reaches.",
+        "more copy of every replica's index and records in memory (vectors are shared). "
+        "Writes are shared among them, so read-your-writes holds whichever process a request "
+        "reaches.",
         1,
     )
     store_poll_interval_s: float = _key(

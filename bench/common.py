@@ -214,3 +214,17 @@ def write_report(directory: Path, name: str, data: dict[str, Any], markdown: str
     (directory / f"{name}.md").write_text(markdown)
     print(markdown)
     print(f"written: {directory / (name + '.json')} and .md")
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found

@@ -41,6 +41,7 @@ from bench.common import (
     LoadResult,
     Proxy,
     call,
+    children,
     dataset,
     dataset_args,
     query_bodies,
@@ -299,17 +300,14 @@ def _rss(pid: int) -> float:
 
 
 def _workers_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-                parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            except OSError:
-                continue
-            if b"proxy.workers" in cmdline and int(parent) == pid:
-                found.append(int(entry.name))
-    return found
+    workers = []
+    for child in children(pid):
+        try:
+            if b"proxy.workers" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except OSError:
+            continue
+    return workers
 
 
 def _plot(points: list[dict[str, Any]], capacity: float, path: Path) -> None:

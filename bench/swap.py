@@ -52,7 +52,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.common import D, Proxy, dataset, dataset_args, query_bodies, write_report
+from bench.common import (
+    D,
+    Proxy,
+    children,
+    dataset,
+    dataset_args,
+    query_bodies,
+    write_report,
+)
 from bench.replica import _ensure_loaded
 
 SAMPLE_S = 0.5
@@ -257,19 +265,6 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 _BUCKET = re.compile(LAG_METRIC + r'_bucket\{le="([^"]+)"\} ([0-9.e+]+)')

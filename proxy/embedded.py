@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -117,8 +118,13 @@ class EmbeddedPrimary:
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time. Blocking; idempotent."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
+        if proc is not None:
+            stop_process(proc, timeout_s)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``. Blocking."""
+    if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout_s)

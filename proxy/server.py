@@ -188,7 +188,7 @@ async def _drain(
 ) -> None:
     app[STATE].draining = True
     app[METRICS].draining.set(1)
-    in_flight = app[METRICS].registry.get_sample_value("replica_proxy_requests_in_flight") or 0
+    in_flight = app[METRICS].in_flight
     log.info(
         "shutting down: readiness off; draining %d in-flight request(s) after %gs, "
         "for at most %gs (signal again to stop now)",

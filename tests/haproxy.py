@@ -21,8 +21,8 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from proxy.embedded import free_port
-from tests.helpers import stop_process, wait_until
+from proxy.embedded import free_port, stop_process
+from tests.helpers import wait_until
 
 SERVER_HEADER = "X-LB-Server"
 BACKEND = "proxies"

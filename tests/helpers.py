@@ -18,22 +18,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from proxy.embedded import chroma_executable, free_port
+from proxy.embedded import chroma_executable, free_port, stop_process
 
 BIN = Path(sys.executable).parent
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:

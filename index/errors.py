@@ -2,6 +2,7 @@
 
 IndexError_ (root)
  ├── NotLocal                  the replica cannot answer this request exactly: forward it
+ ├── Superseded                the log moved the graph past this view: use the current one
  └── SnapshotError             a snapshot on disk is unusable
       ├── SnapshotFormatError  manifest missing/unreadable or of another format version
       ├── SnapshotCorrupt      a file is missing, of the wrong size, or fails its sha256
@@ -35,3 +36,8 @@ class SnapshotCorrupt(SnapshotError, ValueError):
 
 class ValidationFailed(SnapshotError, ValueError):
     pass
+
+
+class Superseded(IndexError_):
+    """A storage-mode view (index/live.py) was searched after the log replay moved its graph
+    on; the request starts again on the collection's current view."""

@@ -78,6 +78,8 @@ class Reaper:
 def _dismantle(replica: Any) -> None:
     """Free a replica's Python objects a chunk at a time (see the module docstring). A part
     somebody else still holds (a test keeping an export's records, say) is left whole."""
+    if getattr(replica, "shares_parts", False):
+        return  # a storage-mode view: its parts live on in the next view (index/live.py)
     records, row_of, columns = replica.records, replica.row_of, replica.columns
     replica.records = replica.row_of = replica.columns = None
     parts: list[Any] = [row_of]

@@ -26,6 +26,7 @@ from aiohttp.typedefs import Handler
 from index.reaper import REAPER
 from index.snapshot import MANIFEST, Manifest
 from sync.scheduler import RebuildScheduler, Wanted, newest_snapshots
+from sync.tailer import StorageTailer
 
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from .ledger import LISTENING, READY, STARTING
@@ -125,7 +126,13 @@ async def rebuild(request: web.Request) -> web.Response:
     model = await _lookup(request, tenant, database, collection)
     scheduler = request.app[ROUTER].scheduler
     where = (model["id"], model["tenant"], model["database"])
-    if isinstance(scheduler, RebuildScheduler):
+    if isinstance(scheduler, StorageTailer):
+        if hnsw:
+            raise Conflict("storage mode serves the primary's own graph: no HNSW overrides")
+        if not scheduler.retake(model["id"]):
+            scheduler.request(*where)
+        by = "this process, from the primary's storage"
+    elif isinstance(scheduler, RebuildScheduler):
         scheduler.request(*where, hnsw=hnsw, even_if_building=True)
         by = "this process"
     else:  # role replica, or a worker after the first: the builder takes it from the store

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -15,6 +17,7 @@ from aiohttp.typedefs import Handler
 
 from sync.follower import StoreFollower
 from sync.scheduler import RebuildScheduler, SyncSettings
+from sync.tailer import StorageTailer, TailerSettings
 
 from . import admin, handlers
 from .config import Config
@@ -94,6 +97,17 @@ def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSourc
     """Who fills the replica set: the store (role replica) or this process' own builds."""
     config = app[CONFIG]
     worker = app.get(WORKER)
+    if config.storage_mode:
+        assert config.primary_persist_path is not None
+        tailer_settings = TailerSettings(
+            persist=Path(config.primary_persist_path),
+            scratch=Path(config.data_dir) / "storage-copies" / str(os.getpid()),
+            replicate=config.replicate_list,
+            poll_interval_s=config.storage_poll_interval_s,
+        )
+        tailer = StorageTailer(router.replicas, tailer_settings, app[METRICS].on_retake)
+        app[METRICS].storage.source = tailer.gauges
+        return tailer
     settings = sync_settings(config, None if worker is None else worker.ledger.epoch)
     if config.role == "replica":
         # Of several workers, only the first tells the builder about writes (relay_writes).
@@ -172,9 +186,11 @@ def _worker_ctx(worker: Worker) -> Callable[[web.Application], AsyncIterator[Non
             publish_state(ledger, worker.index, ready, WORKER_STATE_TICK_S),
             publish_metrics(app[METRICS], worker, METRICS_INTERVAL_S),
         ]
-        if worker.index == 0 and config.replicas:  # the others' writes reach the builder here
-            relay = relay_writes(ledger, router.scheduler, router.replicas, WORKER_STATE_TICK_S)
-            jobs.append(relay)
+        scheduler = router.scheduler
+        # The others' writes reach the builder here (in storage mode each worker tails the
+        # primary's log itself).
+        if worker.index == 0 and config.replicas and not isinstance(scheduler, StorageTailer):
+            jobs.append(relay_writes(ledger, scheduler, router.replicas, WORKER_STATE_TICK_S))
         tasks = [asyncio.create_task(job) for job in jobs]
         yield
         for task in tasks:

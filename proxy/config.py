@@ -27,6 +27,7 @@ MAX_WORKERS = 64  # proxy/ledger.py has room for this many
 LogLevel = Literal["debug", "info", "warning", "error"]
 Consistency = Literal["strong", "session", "bounded", "eventual"]
 Role = Literal["standalone", "builder", "replica"]
+ReplicaSource = Literal["auto", "storage", "export"]
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,33 @@ class Config:
         None,
         flag="--primary",
         metavar="URL",
+    )
+    primary_persist_path: str | None = _key(
+        "The primary's persist directory (its chroma.sqlite3 and HNSW segments), readable "
+        "by the proxy: a sidecar with the primary's volume mounted read-only. Set "
+        "automatically for the embedded primary. With it, replicas are the primary's own HNSW "
+        "graphs plus its log (replica_source storage): the primary's answers, every write "
+        "visible within storage_poll_interval_s, no export.",
+        None,
+        metavar="DIR",
+    )
+    replica_source: ReplicaSource = _key(
+        "Where replicas come from. storage: the primary's files (needs primary_persist_path; "
+        "refuses to start without a readable Chroma 1.5 database there). export: paginated "
+        "HTTP export and an independent build. auto: storage when primary_persist_path is "
+        "set (or the primary is embedded) and the role is not builder, else export.",
+        "auto",
+    )
+    storage_poll_interval_s: float = _key(
+        "Storage mode: how often the primary's log is polled (a stat of its database file "
+        "when nothing changed). Reads that must see a write wake the tailer at once.",
+        0.1,
+    )
+    storage_wait_s: float = _key(
+        "Storage mode: how long a strong read, or a session read after a write through this "
+        "proxy, waits for its replica to apply the primary's log up to the read's position "
+        "before it is forwarded instead.",
+        1.0,
     )
     listen: str = _key("HOST:PORT the proxy listens on.", "127.0.0.1:8000", metavar="HOST:PORT")
     data_dir: str = _key(
@@ -270,6 +298,8 @@ class Config:
             "store_poll_interval_s",
             "search_batch_max",
             "gil_switch_interval_ms",
+            "storage_poll_interval_s",
+            "storage_wait_s",
         ):
             _check_positive(name, getattr(self, name))
         for name in (
@@ -304,9 +334,26 @@ class Config:
             raise ConfigError("workers", self.workers, "a builder serves no reads: use 1")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("admin_token", "...", "must be at least 16 characters")
+        if self.replica_source == "storage" and self.role == "builder":
+            raise ConfigError("replica_source", "storage", "a builder exports (role builder)")
+        if (
+            self.replica_source == "storage"
+            and self.primary_persist_path is None
+            and self.primary_url is not None
+        ):
+            raise ConfigError(
+                "replica_source", "storage", "needs primary_persist_path (or no primary_url)"
+            )
         for spec in self.replicate_list:
             if spec.count("/") != 1 or not all(spec.split("/")):
                 raise ConfigError("replicate", self.replicate, "expected tenant/database,...")
+
+    @property
+    def storage_mode(self) -> bool:
+        """Replicas follow the primary's files (sync/tailer.py) rather than exports."""
+        if self.replica_source == "export" or not self.replicas:
+            return False
+        return self.primary_persist_path is not None and self.role != "builder"
 
     @property
     def replicate_list(self) -> tuple[str, ...]:

@@ -189,7 +189,12 @@ def plan_query(replica: ReplicaIndex, prepared: Prepared) -> QueryPlan:
     if k is None:
         raise NotLocal("n_results missing")
     _check_vectors(vectors, body["query_embeddings"], replica, prepared.may_hold_bools)
-    allowed = replica.mask(_ids(body.get("ids")), _filters(body))
+    ids, filters = _ids(body.get("ids")), _filters(body)
+    allowed = replica.mask(ids, filters)
+    if ids and not filters and allowed is not None and int(allowed.sum()) < len(set(ids)):
+        # Without a filter Chroma looks each id up in its HNSW map and fails the whole query
+        # (500 "IdNotFound") on one it does not have: let it answer.
+        raise NotLocal("query ids include one the collection does not have")
     return QueryPlan(include, k, vectors, allowed)
 
 

@@ -16,10 +16,15 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -121,6 +126,44 @@ class LoopHistogram(_LoopFamily[Observations]):
         yield family
 
 
+class StorageCollector(Collector):
+    """Storage mode's log position, lag and overlays, read from the tailer at scrape time
+    (sync/tailer.py StorageTailer.gauges)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, Any]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        found = self.source()
+        yield GaugeMetricFamily(
+            "replica_proxy_storage_log_position",
+            "Newest primary log seq (embeddings_queue) applied to the replicas.",
+            value=found["position"],
+        )
+        yield GaugeMetricFamily(
+            "replica_proxy_storage_lag_seconds",
+            "Seconds since the replicas were last confirmed to hold the primary's newest log row.",
+            value=found["lag_s"],
+        )
+        overlay = GaugeMetricFamily(
+            "replica_proxy_storage_overlay_rows",
+            "Rows changed by the log since the replica's base was taken, per collection.",
+            labels=["collection"],
+        )
+        behind = GaugeMetricFamily(
+            "replica_proxy_storage_behind_seq",
+            "Log rows between the primary's newest seq and the replica's, per collection.",
+            labels=["collection"],
+        )
+        for cid, rows, seqs in found["collections"]:
+            overlay.add_metric([cid], rows)
+            behind.add_metric([cid], seqs)
+        yield overlay
+        yield behind
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -175,6 +218,15 @@ class Metrics:
         self.replicas = Gauge(
             "replica_proxy_replicas", "Collections served from a local replica.", registry=r
         )
+        self.retakes = Counter(
+            "replica_proxy_storage_retakes_total",
+            "Storage mode: collections taken again from the primary's files, by reason "
+            "(purged, seq_reused, flushed_during_take, retry, admin).",
+            ["reason"],
+            registry=r,
+        )
+        self.storage = StorageCollector()
+        r.register(self.storage)
 
         self.breaker_state = Gauge(
             "replica_proxy_breaker_state",
@@ -255,6 +307,9 @@ class Metrics:
         children[0].inc()
         if children[1] is not None:
             children[1].observe(seconds)
+
+    def on_retake(self, reason: str) -> None:
+        self.retakes.labels(reason).inc()
 
     def on_build(self, result: str, seconds: float, rows: int) -> None:
         self.rebuilds.labels(result).inc()

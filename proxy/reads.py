@@ -17,7 +17,8 @@ from collections.abc import Hashable
 
 from aiohttp import web
 
-from index.errors import NotLocal
+from index.errors import NotLocal, Superseded
+from index.live import LiveView
 from index.replica import ReplicaIndex
 
 from . import local
@@ -45,6 +46,8 @@ FORWARDED_CACHEABLE = frozenset(
         "pre_flight_checks",
     }
 )
+# A search that finds its storage-mode view superseded starts again on the current one.
+SUPERSEDED_RETRIES = 3
 # Headers that could make the primary answer differently (auth, once a primary enforces it).
 _KEYED_HEADERS = ("Authorization", "X-Chroma-Token")
 
@@ -59,6 +62,11 @@ async def read(request: web.Request) -> web.StreamResponse:
         return await forwarded_read(request)
     level = router.level(request)
     raw = await read_body(request) if request.body_exists else b""
+    if isinstance(replica, LiveView):
+        replica = await router.caught_up(replica, level)
+        if replica is None:
+            metrics.local_fallbacks.labels("catching_up").inc()
+            return await forward(request, raw)
     primary_unreachable = not app[STATE].primary_up or app[UPSTREAM].breaker.state != Breaker.CLOSED
     stale = primary_unreachable  # nobody can tell how current the replica is: say so
     age_s = replica.age_s()
@@ -72,7 +80,7 @@ async def read(request: web.Request) -> web.StreamResponse:
                     raise
         stale = True  # the primary cannot be reached: an old answer beats no answer
     try:
-        body, source = await _answer(request, replica, route, raw)
+        body, source = await _answer_current(request, replica, route, raw)
     except NotLocal as exc:
         log.debug("forwarding %s: %s", route.op, exc)
         metrics.local_fallbacks.labels("not_local").inc()
@@ -86,6 +94,23 @@ async def read(request: web.Request) -> web.StreamResponse:
     if stale:
         headers["X-Proxy-Stale"] = "true"
     return web.Response(body=body, headers=headers)
+
+
+async def _answer_current(
+    request: web.Request, replica: ReplicaIndex, route: Route, raw: bytes
+) -> tuple[bytes, str]:
+    """_answer, once more on the collection's current view if the log replay moved the graph
+    on while the request waited for a search thread (index/live.py): the newer view includes
+    everything the older one did."""
+    for _ in range(SUPERSEDED_RETRIES):
+        try:
+            return await _answer(request, replica, route, raw)
+        except Superseded:
+            current = request.app[ROUTER].replicas.get(replica.collection_id)
+            if current is None:
+                break
+            replica = current
+    raise NotLocal("the replica kept moving on under the request")
 
 
 async def _answer(

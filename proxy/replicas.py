@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from index.holder import ReplicaSet
+from index.live import LiveView
 from index.replica import ReplicaIndex
 from sync.follower import StoreFollower
 from sync.scheduler import RebuildScheduler
+from sync.tailer import StorageTailer
 
 from .batching import SearchBatcher
 from .config import Config
@@ -35,7 +37,7 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 # Do not ask the primary again for a collection it just said does not exist.
 _MISSING_TTL_S = 30.0
 # Where replicas come from: this process' own builds, or a builder's store (role replica).
-ReplicaSource = RebuildScheduler | StoreFollower
+ReplicaSource = RebuildScheduler | StoreFollower | StorageTailer
 
 
 @dataclass(slots=True)
@@ -111,6 +113,8 @@ class ReplicaRouter:
             ) from None
 
     def fresh_enough(self, replica: ReplicaIndex, level: Level, age_s: float) -> bool:
+        if isinstance(replica, LiveView):  # caught_up() has seen to strong and session
+            return level is Level.EVENTUAL or age_s <= self.config.max_staleness_s
         return replica_may_answer(
             level,
             covers_seq=replica.covers_write_seq,
@@ -120,6 +124,33 @@ class ReplicaRouter:
             age_s=age_s,
             max_staleness_s=self.config.max_staleness_s,
         )
+
+    async def caught_up(self, view: LiveView, level: Level) -> ReplicaIndex | None:
+        """Storage mode: the collection's current view once it has applied every write the
+        level requires, or None if that takes longer than storage_wait_s (forward).
+
+        strong: every write the primary has acknowledged, learned from its log now.
+        session: the same, but only after a write through this proxy that the tailer may
+        not have seen: a write that ended before the tailer last confirmed it was caught up
+        is included. Other writes are at most one poll behind. bounded, eventual: as is."""
+        scheduler = self.scheduler
+        assert isinstance(scheduler, StorageTailer)
+        cid = view.collection_id
+        if level is Level.EVENTUAL or level is Level.BOUNDED:
+            return view
+        tracker = self.tracker
+        seen = not tracker.busy(cid) and tracker.last_write_at(cid) < view.owner.confirmed_at
+        if level is Level.SESSION and seen:
+            # The owner's current view: ``view`` was read before the request waited for
+            # its body, and the confirmation may be newer than it.
+            return self.replicas.get(cid)
+        target = await scheduler.position_now()
+        current = self.replicas.get(cid)
+        behind = not isinstance(current, LiveView) or current.position < target
+        wait_s = self.config.storage_wait_s
+        if behind and not await scheduler.wait_applied(cid, target, wait_s):
+            return None
+        return self.replicas.get(cid)
 
     # --- writes -------------------------------------------------------------------------------
 

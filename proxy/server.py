@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -42,6 +43,8 @@ async def serve(config: Config) -> None:
             log.info("starting embedded Chroma primary (data in %s)", embedded.path)
             await stack.enter_async_context(embedded)
             primary_url = embedded.url
+            if config.primary_persist_path is None:  # storage mode can read its files
+                config = dataclasses.replace(config, primary_persist_path=str(embedded.path))
         first = None
         if config.workers > 1:
             first = first_worker(config)

@@ -1,0 +1,426 @@
+"""StorageTailer: storage mode. Replicas follow the primary's own files and log.
+
+Where the proxy can read the primary's persist directory (the embedded primary, or a sidecar
+with the volume mounted read-only), a replica is the primary's HNSW segment plus its log tail
+(sync/take.py, index/live.py), and this tailer keeps it current:
+
+* every poll_interval_s (or at once when a read is waiting for it) SQLite's data_version says
+  whether anything changed; if so, one short statement reads the log rows after the last
+  position, and they are replayed into each followed collection's replica;
+* whatever breaks continuity re-takes the collection from storage, never patched over: rows
+  purged before they were read (the primary deletes a collection's rows below its last flush),
+  seq numbers reused (the queue's max went down), a take that raced a flush, an unknown vector
+  encoding. Each reason is logged and counted; the old replica keeps serving reads that accept
+  its age meanwhile;
+* strong and session reads learn the log's position (position_now) and wait until the replica
+  has applied it (wait_applied), so they are answered locally too.
+
+It has the scheduler's interface (proxy/replicas.py uses either). It never sends the primary a
+request: everything comes from the files, through SQLite's API for the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from index.holder import ReplicaSet
+from index.live import LiveReplica, LiveView, Op
+
+from .storage import (
+    CollectionRow,
+    StorageError,
+    check_schema,
+    connect,
+    list_collections,
+    queue_max,
+    read_queue_after,
+    segment_seqs,
+)
+from .take import UnknownEncoding, decode, take
+
+log = logging.getLogger(__name__)
+
+DATABASE = "chroma.sqlite3"
+# Log rows read per statement; more are read in the next round of the same poll.
+ROWS_PER_READ = 5000
+RetakeObserver = Callable[[str], None]  # the reason
+
+
+@dataclass(slots=True)
+class Followed:
+    """One collection this tailer keeps a replica of."""
+
+    tenant: str
+    database: str
+    row: CollectionRow | None = None
+    live: LiveReplica | None = None
+    taking: bool = False
+    failed: str | None = None
+    retakes: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class TailerSettings:
+    persist: Path  # the primary's persist directory
+    scratch: Path  # where segment copies are made (under the proxy's data_dir)
+    replicate: tuple[str, ...]  # "tenant/database" ("*" database = all of the tenant's)
+    poll_interval_s: float = 0.1
+
+
+class StorageTailer:
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        settings: TailerSettings,
+        on_retake: RetakeObserver | None = None,
+    ) -> None:
+        self._replicas = replicas
+        self._settings = settings
+        self._on_retake = on_retake or (lambda reason: None)
+        self._followed: dict[str, Followed] = {}
+        self._position = 0  # every log row up to here is applied to every followed replica
+        self._newest = 0  # the newest log seq seen (position_now, or a poll)
+        self._data_seen: tuple[int, int] | None = None
+        self._kick = asyncio.Event()
+        self._applied = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._conn: sqlite3.Connection | None = None
+        self._conn_lock = threading.Lock()  # one statement at a time on the connection
+        self._takes = asyncio.Semaphore(1)  # one take at a time: they compete for the CPU
+        self.building: str | None = None
+        self.last_error: str | None = None
+        self.ready = False
+        self.polls = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> StorageTailer:
+        self._spawn(self._run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._conn is not None:
+            self._conn.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect(self._settings.persist / DATABASE)
+            check_schema(self._conn)
+        return self._conn
+
+    def _sql(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Blocking: run ``fn`` on the read-only connection (one caller at a time)."""
+        with self._conn_lock:
+            return fn(self._db())
+
+    async def _run(self) -> None:
+        try:
+            await self._start()
+        except Exception as exc:
+            self.last_error = f"storage mode: {exc}"
+            log.exception("storage mode could not start; reads are forwarded")
+        self.ready = True
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self._settings.poll_interval_s)
+            self._kick.clear()
+            try:
+                await self._poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failed poll logs and tries again next time
+                self.last_error = f"poll: {exc}"
+                log.exception("reading the primary's log failed")
+                await asyncio.sleep(1.0)
+
+    async def _start(self) -> None:
+        self._position = await asyncio.to_thread(self._sql, queue_max)
+        rows = await asyncio.to_thread(self._sql, list_collections)
+        for spec in self._settings.replicate:
+            tenant, _, database = spec.partition("/")
+            for row in rows:
+                if row.tenant == tenant and database in ("*", row.database):
+                    self.request(row.id, row.tenant, row.database)
+        # Loaded one after another, before /readyz says ready.
+        for cid in list(self._followed):
+            await self._take(cid, "start")
+
+    # --- the scheduler's interface ----------------------------------------------------------
+
+    def request(self, collection_id: str, tenant: str, database: str, **_: Any) -> None:
+        """Follow a collection (on demand, or at start-up); taken in the background."""
+        if collection_id in self._followed:
+            return
+        self._followed[collection_id] = Followed(tenant, database)
+        if self.ready:
+            self._spawn(self._take(collection_id, "on_demand"))
+
+    def retake(self, collection_id: str) -> bool:
+        """Take a followed collection again from storage now (the admin API's rebuild)."""
+        if collection_id not in self._followed:
+            return False
+        self._spawn(self._take(collection_id, "admin"))
+        return True
+
+    def taking(self, collection_id: str) -> bool:
+        followed = self._followed.get(collection_id)
+        return followed is not None and followed.taking
+
+    def wants(self, collection_id: str) -> bool:
+        return collection_id in self._followed
+
+    def known(self) -> list[str]:
+        return list(self._followed)
+
+    def notify_write(self, collection_id: str) -> None:
+        """A write went through the proxy: look at the log now rather than at the next tick."""
+        self._kick.set()
+
+    def forget(self, collection_id: str) -> None:
+        self._followed.pop(collection_id, None)
+        self._replicas.drop(collection_id)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": "storage",
+            "persist_path": str(self._settings.persist),
+            "position": self._position,
+            "lag_s": round(self.gauges()["lag_s"], 3),
+            "polls": self.polls,
+            "last_error": self.last_error,
+            "collections": {
+                cid: {
+                    "position": None if f.live is None else f.live.position,
+                    "overlay_rows": None if f.live is None else f.live.overlay_rows,
+                    "taking": f.taking,
+                    "failed": f.failed,
+                    "retakes": dict(f.retakes),
+                }
+                for cid, f in self._followed.items()
+            },
+        }
+
+    def gauges(self) -> dict[str, Any]:
+        """For /metrics (proxy/metrics.py StorageCollector)."""
+        oldest = min(
+            (f.live.confirmed_at for f in self._followed.values() if f.live is not None),
+            default=time.time(),
+        )
+        return {
+            "position": self._position,
+            "lag_s": max(0.0, time.time() - oldest),
+            "collections": [
+                (cid, f.live.overlay_rows, max(0, self._newest - f.live.position))
+                for cid, f in self._followed.items()
+                if f.live is not None
+            ],
+        }
+
+    # --- consistency: what strong and session reads wait for --------------------------------
+
+    async def position_now(self) -> int:
+        """The log's newest seq right now (one short statement): every write the primary has
+        acknowledged is at or below it."""
+        found: int = await asyncio.to_thread(self._sql, queue_max)
+        self._newest = max(self._newest, found)
+        return found
+
+    async def wait_applied(self, collection_id: str, seq: int, timeout_s: float) -> bool:
+        """Wait until the collection's replica includes log position ``seq``; False on time out
+        (or when it is not followed). The tailer polls at once instead of at its next tick."""
+        deadline = time.monotonic() + timeout_s
+
+        def applied() -> bool:
+            # What requests are given (the swapped-in view), not the owner, whose position
+            # moves before its new view is swapped in.
+            view = self._replicas.get(collection_id)
+            return isinstance(view, LiveView) and view.position >= seq
+
+        async with self._applied:
+            while not applied():
+                left = deadline - time.monotonic()
+                if left <= 0 or collection_id not in self._followed:
+                    return False
+                self._kick.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._applied.wait(), left)
+        return True
+
+    async def _notify_applied(self) -> None:
+        async with self._applied:
+            self._applied.notify_all()
+
+    # --- following the log ------------------------------------------------------------------
+
+    def _data_version(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """The log's newest seq and SQLite's change counter for this connection, which moves
+        when another connection commits anything (a collection dropped, say). The counter is
+        refreshed only by a read, hence the query first. (A stat of the file is not enough:
+        mtime is kept in kernel ticks of a few ms, and two commits within one tick that do not
+        grow the file look alike.)"""
+        top = queue_max(conn)
+        found: int = conn.execute("PRAGMA data_version").fetchone()[0]
+        return top, found
+
+    async def _poll(self) -> None:
+        self.polls += 1
+        now = time.time()
+        version = await asyncio.to_thread(self._sql, self._data_version)
+        if version == self._data_seen:
+            self._confirm(now)
+            return
+        rows, top, collections, seqs = await asyncio.to_thread(self._read_changes)
+        by_id = {c.id: c for c in collections}
+        for cid in list(self._followed):
+            if cid not in by_id:
+                log.info("collection %s is gone from the primary; dropping its replica", cid)
+                self.forget(cid)
+        if top < self._position:
+            self._position = top
+            self._data_seen = None
+            for cid in list(self._followed):
+                self._spawn(self._take(cid, "seq_reused"))
+            return
+        self._newest = max(self._newest, top)
+        end = max([self._position] + [r.seq for r in rows])
+        holes = (end - self._position) != len(rows)
+        for cid, followed in list(self._followed.items()):
+            followed.row = by_id.get(cid, followed.row)
+            await self._advance(cid, followed, rows, end, holes, seqs.get(cid))
+        self._position = end
+        if len(rows) >= ROWS_PER_READ:
+            self._kick.set()  # more to read: not caught up yet, so nothing is confirmed
+        else:
+            self._data_seen = version
+            self._confirm(now)
+        await self._notify_applied()
+
+    def _read_changes(self) -> tuple[list[Any], int, list[CollectionRow], dict[str, int]]:
+        """Blocking: new log rows, then the collections and their segments' flush points.
+        Read in this order: a flush between the two is then seen as one that may have purged
+        rows we did not read."""
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Any], int, list[CollectionRow], Any]:
+            rows = read_queue_after(conn, self._position, ROWS_PER_READ)
+            top = queue_max(conn)
+            collections = list_collections(conn)
+            vector_segments = {c.vector_segment: c.id for c in collections}
+            seqs = {
+                vector_segments[seg]: seq
+                for seg, seq in segment_seqs(conn, list(vector_segments)).items()
+            }
+            return rows, top, collections, seqs
+
+        result: tuple[list[Any], int, list[CollectionRow], dict[str, int]] = self._sql(read)
+        return result
+
+    async def _advance(
+        self,
+        cid: str,
+        followed: Followed,
+        rows: list[Any],
+        end: int,
+        holes: bool,
+        flushed_at: int | None,
+    ) -> None:
+        live = followed.live
+        if live is None or followed.taking:
+            return
+        if holes and flushed_at is not None and flushed_at > live.position + 1:
+            # The primary purges a collection's log below its last flush: rows of this
+            # collection between our position and that flush may never have been read.
+            self._spawn(self._take(cid, "purged"))
+            return
+        topic = None if followed.row is None else followed.row.topic
+        try:
+            ops = [decode(r) for r in rows if r.topic == topic and r.seq > live.position]
+        except UnknownEncoding as exc:
+            followed.failed = str(exc)
+            self._replicas.drop(cid)
+            log.error("collection %s: %s; its reads are forwarded", cid, exc)
+            return
+        if ops:
+            log.debug("collection %s: applying log rows %d..%d", cid, ops[0].seq, ops[-1].seq)
+            view = await asyncio.to_thread(live.apply, ops, end)
+            self._replicas.swap(view)
+        else:  # nothing for this collection: its current view holds up to ``end`` too
+            live.position = live.view.position = end
+
+    def _confirm(self, now: float) -> None:
+        for followed in self._followed.values():
+            if followed.live is not None and not followed.taking:
+                followed.live.confirmed_at = now
+
+    # --- takes ------------------------------------------------------------------------------
+
+    async def _take(self, cid: str, reason: str) -> None:
+        followed = self._followed.get(cid)
+        if followed is None or followed.taking:
+            return
+        followed.taking = True
+        followed.retakes[reason] += 1
+        if reason not in ("start", "on_demand"):
+            log.info("taking collection %s from storage again: %s", cid, reason)
+            self._on_retake(reason)
+        try:
+            async with self._takes:
+                self.building = cid
+                live = await self._take_caught_up(cid, followed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            followed.failed = f"{type(exc).__name__}: {exc}"
+            self.last_error = f"{cid}: {followed.failed}"
+            log.warning("taking %s from storage failed (%s); retrying in 1s", cid, exc)
+            followed.taking = False
+            await asyncio.sleep(1.0)
+            if cid in self._followed:
+                self._spawn(self._take(cid, "retry"))
+            return
+        finally:
+            self.building = None
+        followed.live, followed.taking, followed.failed = live, False, None
+        if cid in self._followed:
+            self._replicas.swap(live.view)
+        await self._notify_applied()
+
+    async def _take_caught_up(self, cid: str, followed: Followed) -> LiveReplica:
+        rows = await asyncio.to_thread(self._sql, list_collections)
+        row = next((c for c in rows if c.id == cid), None)
+        if row is None:
+            raise StorageError(f"collection {cid} is not in the primary's database")
+        followed.row = row
+        scratch = self._settings.scratch
+        live: LiveReplica = await asyncio.to_thread(
+            self._sql, lambda conn: take(conn, self._settings.persist, row, scratch)
+        )
+        # The take ends at its own position; the tailer may be further on by now.
+        while live.position < self._position:
+            target = self._position
+            ops = await asyncio.to_thread(self._tail_of, row, live.position, target)
+            await asyncio.to_thread(live.apply, ops, target)
+        return live
+
+    def _tail_of(self, row: CollectionRow, after: int, upto: int) -> list[Op]:
+        rows = self._sql(lambda conn: read_queue_after(conn, after, 1 << 30, topic=row.topic))
+        return [decode(r) for r in rows if r.seq <= upto]

@@ -3,6 +3,7 @@
 IndexError_ (root)
  ├── NotLocal                  the replica cannot answer this request exactly: forward it
  ├── Superseded                the log moved the graph past this view: use the current one
+ ├── ReplayFailed              a log row could not be applied: take the collection again
  └── SnapshotError             a snapshot on disk is unusable
       ├── SnapshotFormatError  manifest missing/unreadable or of another format version
       ├── SnapshotCorrupt      a file is missing, of the wrong size, or fails its sha256
@@ -41,3 +42,8 @@ class ValidationFailed(SnapshotError, ValueError):
 class Superseded(IndexError_):
     """A storage-mode view (index/live.py) was searched after the log replay moved its graph
     on; the request starts again on the collection's current view."""
+
+
+class ReplayFailed(IndexError_):
+    """A log row could not be replayed into a storage-mode replica (index/live.py), which is
+    then no longer trusted: the tailer takes the collection again from storage."""

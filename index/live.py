@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .columns import Columns, Mask
-from .errors import NotLocal, Superseded
+from .errors import NotLocal, ReplayFailed, Superseded
 from .filters import Filter, plain_ascii
 from .replica import Records, ReplicaIndex, Rows, Vectors, _distances
 from .rwlock import RWLock
@@ -140,8 +140,10 @@ class Graph:
         self._insert(op.vector, label)
 
     def _insert(self, vector: npt.NDArray[np.float32], label: int) -> None:
+        if self.index is None and not self.dim:  # the collection's first vector sets it
+            self.dim = len(vector)
         if len(vector) != self.dim:
-            raise NotLocal(f"log row of dimension {len(vector)}, graph has {self.dim}")
+            raise ReplayFailed(f"log row of dimension {len(vector)}, graph has {self.dim}")
         if self.index is None:
             p = self.params
             self.index = hnswlib.Index(space=self.space, dim=self.dim)
@@ -242,9 +244,12 @@ class LiveReplica:
         elif row is not None and op.kind != ADD:
             self.touched[row] = merged(self.record(row), op)
         elif row is None and op.kind != UPDATE:
+            label = self.graph.id_to_label.get(op.id)
+            if label is None:  # an insert without a vector: the graph did not take it
+                raise ReplayFailed(f"log row {op.seq} inserts {op.id!r} without a vector")
             row = len(self.base.ids) + len(self.appended)
             self.appended.append(op.id)
-            self.appended_labels.append(self.graph.id_to_label[op.id])
+            self.appended_labels.append(label)
             self.appended_row_of[op.id] = row
             self.touched[row] = inserted(op)
 
@@ -304,6 +309,9 @@ class LiveView(ReplicaIndex):
         self._inverse_norms_cache = None
         # The reaper (index/reaper.py) must not take apart parts other views share.
         self.shares_parts = True
+        # Only what the request path needs of the model (sync/take.py model_of): lookups of
+        # the collection are forwarded.
+        self.has_collection_model = False
 
     # --- what the request path reads ---------------------------------------------------------
 
@@ -374,6 +382,8 @@ class LiveView(ReplicaIndex):
         """Chroma's own switch (rust/segment/src/local_hnsw.rs query_embedding): exact search
         when over 20% of the graph's elements are deleted and fewer than 100 are live. It
         never depends on how many rows a filter allows."""
+        if self.graph.index is None:
+            return False
         total = int(self.graph.index.get_current_count())
         return total > 0 and (total - self.n) / total > 0.2 and self.n < 100
 

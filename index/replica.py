@@ -84,6 +84,8 @@ class ReplicaIndex:
     row_of: dict[str, int] = field(init=False)
     documents_plain_ascii: bool = field(init=False)
     _inverse_norms_cache: npt.NDArray[np.float32] | None = field(init=False, default=None)
+    # The manifest holds the collection model exactly as the primary returned it.
+    has_collection_model = True
 
     def __post_init__(self) -> None:
         self.collection_id = self.manifest.collection_id

@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from sync.follower import StoreFollower
 from sync.scheduler import RebuildScheduler, SyncSettings
-from sync.tailer import StorageTailer, TailerSettings
+from sync.tailer import StorageTailer, StorageUnusable, TailerSettings, storage_problem
 
 from . import admin, handlers
 from .config import Config
@@ -97,13 +97,14 @@ def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSourc
     """Who fills the replica set: the store (role replica) or this process' own builds."""
     config = app[CONFIG]
     worker = app.get(WORKER)
-    if config.storage_mode:
+    if config.storage_mode and _storage_usable(config):
         assert config.primary_persist_path is not None
         tailer_settings = TailerSettings(
             persist=Path(config.primary_persist_path),
             scratch=Path(config.data_dir) / "storage-copies" / str(os.getpid()),
             replicate=config.replicate_list,
             poll_interval_s=config.storage_poll_interval_s,
+            overlay_max_rows=config.storage_overlay_max_rows,
         )
         tailer = StorageTailer(router.replicas, tailer_settings, app[METRICS].on_retake)
         app[METRICS].storage.source = tailer.gauges
@@ -116,6 +117,20 @@ def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSourc
     return RebuildScheduler(
         app[UPSTREAM], router.replicas, settings, router.tracker.seq, metrics.on_build
     )
+
+
+def _storage_usable(config: Config) -> bool:
+    """Storage mode needs a Chroma 1.5 database it can read: without one it refuses to start
+    (replica_source storage) or says why and exports instead (auto)."""
+    assert config.primary_persist_path is not None
+    problem = storage_problem(Path(config.primary_persist_path))
+    if problem is None:
+        log.info("replicas follow the primary's storage in %s", config.primary_persist_path)
+        return True
+    if config.replica_source == "storage":
+        raise StorageUnusable(f"replica_source storage: {problem}")
+    log.warning("storage mode is not possible (%s); replicas are exported over HTTP", problem)
+    return False
 
 
 def sync_settings(config: Config, write_ledger: str | None = None) -> SyncSettings:

@@ -16,6 +16,8 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from sync.tailer import StorageUnusable
+
 from . import __version__
 from .config import FIELDS, Config, ConfigError, docs_table, env_name, field_type, flag_name, load
 from .embedded import EmbeddedPrimaryError
@@ -193,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, 0 if config.workers > 1 else None)
     try:
         _run(config)
-    except EmbeddedPrimaryError as exc:
+    except (EmbeddedPrimaryError, StorageUnusable) as exc:
         logging.getLogger(PROG).error("%s", exc)
         return 1
     except OSError as exc:  # e.g. the listen address is in use, data_dir not writable

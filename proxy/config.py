@@ -74,6 +74,11 @@ class Config:
         "when nothing changed). Reads that must see a write wake the tailer at once.",
         0.1,
     )
+    storage_overlay_max_rows: int = _key(
+        "Storage mode: rows changed since a collection was taken from the primary's files "
+        "before it is taken again (each applied batch copies the changed rows' records).",
+        5000,
+    )
     storage_wait_s: float = _key(
         "Storage mode: how long a strong read, or a session read after a write through this "
         "proxy, waits for its replica to apply the primary's log up to the read's position "
@@ -300,6 +305,7 @@ class Config:
             "gil_switch_interval_ms",
             "storage_poll_interval_s",
             "storage_wait_s",
+            "storage_overlay_max_rows",
         ):
             _check_positive(name, getattr(self, name))
         for name in (

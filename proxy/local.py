@@ -251,6 +251,8 @@ def _check_count_query(query: Mapping[str, str]) -> None:
 def answer_collection(replica: ReplicaIndex, tenant: str | None, database: str | None) -> bytes:
     """The collection model (get by name, get by id) as of the replica's export."""
     model = replica.manifest.collection
+    if not replica.has_collection_model:
+        raise NotLocal("this replica does not hold the primary's collection model")
     if (model["tenant"], model["database"]) != (tenant, database):
         raise NotLocal("collection lives in another tenant or database")
     return orjson.dumps(model)

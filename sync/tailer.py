@@ -75,6 +75,30 @@ class TailerSettings:
     scratch: Path  # where segment copies are made (under the proxy's data_dir)
     replicate: tuple[str, ...]  # "tenant/database" ("*" database = all of the tenant's)
     poll_interval_s: float = 0.1
+    # Rows changed since a take before the collection is taken again (compaction): every
+    # view copies the overlay's records into a small column table, so it must stay small.
+    overlay_max_rows: int = 5000
+
+
+class StorageUnusable(RuntimeError):
+    """Storage mode was asked for (replica_source storage) and the primary's persist
+    directory cannot be followed; the proxy does not start."""
+
+
+def storage_problem(persist: Path) -> str | None:
+    """Why storage mode cannot follow the primary in ``persist`` (None: it can). Blocking."""
+    path = persist / DATABASE
+    if not path.is_file():
+        return f"no Chroma database at {path}"
+    try:
+        conn = connect(path)
+        try:
+            check_schema(conn)
+        finally:
+            conn.close()
+    except (StorageError, sqlite3.Error) as exc:
+        return f"{path}: {exc}"
+    return None
 
 
 class StorageTailer:
@@ -361,8 +385,17 @@ class StorageTailer:
             return
         if ops:
             log.debug("collection %s: applying log rows %d..%d", cid, ops[0].seq, ops[-1].seq)
-            view = await asyncio.to_thread(live.apply, ops, end)
+            try:
+                view = await asyncio.to_thread(live.apply, ops, end)
+            except Exception as exc:  # the replica may be half-applied: never answer from it
+                log.error("collection %s: replaying the log failed (%s); taking it again", cid, exc)
+                self._replicas.drop(cid)
+                followed.live = None
+                self._spawn(self._take(cid, "replay_failed"))
+                return
             self._replicas.swap(view)
+            if live.overlay_rows > self._settings.overlay_max_rows:
+                self._spawn(self._take(cid, "compaction"))
         else:  # nothing for this collection: its current view holds up to ``end`` too
             live.position = live.view.position = end
 
@@ -391,15 +424,17 @@ class StorageTailer:
         except Exception as exc:
             followed.failed = f"{type(exc).__name__}: {exc}"
             self.last_error = f"{cid}: {followed.failed}"
-            log.warning("taking %s from storage failed (%s); retrying in 1s", cid, exc)
+            delay = min(0.5 * 2 ** followed.retakes["retry"], 30.0)
+            log.warning("taking %s from storage failed (%s); retry in %.1fs", cid, exc, delay)
             followed.taking = False
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(delay)
             if cid in self._followed:
                 self._spawn(self._take(cid, "retry"))
             return
         finally:
             self.building = None
         followed.live, followed.taking, followed.failed = live, False, None
+        followed.retakes.pop("retry", None)  # the backoff starts again
         if cid in self._followed:
             self._replicas.swap(live.view)
         await self._notify_applied()

@@ -68,8 +68,8 @@ class Row:
 def inserted(op: Op) -> Row:
     """The record an ADD (or the UPSERT of a new id) creates."""
     meta = {k: v for k, v in op.metadata.items() if v is not None}
-    document, uri = meta.pop(DOCUMENT_KEY, None), meta.pop(URI_KEY, None)
-    return Row(document, uri, meta or None)
+    document, uri = meta.get(DOCUMENT_KEY), meta.get(URI_KEY)
+    return Row(document, uri, _visible(meta, uri))
 
 
 def merged(row: Row, op: Op) -> Row:
@@ -86,7 +86,14 @@ def merged(row: Row, op: Op) -> Row:
             meta.pop(key, None)
         else:
             meta[key] = value
-    return Row(document, uri, meta or None)
+    return Row(document, uri, _visible(meta, uri))
+
+
+def _visible(meta: dict[str, Any], uri: str | None) -> dict[str, Any] | None:
+    """The metadata the primary returns: never its `chroma:` keys; ``{}`` rather than null
+    when the row has a uri (stored as one of those keys), null when it has nothing else."""
+    shown = {k: v for k, v in meta.items() if not k.startswith("chroma:")}
+    return shown or ({} if uri is not None else None)
 
 
 class Table:
@@ -252,6 +259,11 @@ class LiveReplica:
             self.appended_labels.append(label)
             self.appended_row_of[op.id] = row
             self.touched[row] = inserted(op)
+
+    def renew_view(self) -> LiveView:
+        """The same rows under a new generation (call on the event loop, before a swap)."""
+        self.view = self._make_view()
+        return self.view
 
     def _make_view(self) -> LiveView:
         return LiveView(self, next(_generations))

@@ -221,7 +221,9 @@ class Metrics:
         self.retakes = Counter(
             "replica_proxy_storage_retakes_total",
             "Storage mode: collections taken again from the primary's files, by reason "
-            "(purged, seq_reused, flushed_during_take, retry, admin).",
+            "(purged: the primary purged log rows before they were read; compaction: the "
+            "overlay passed storage_overlay_max_rows; replay_failed; seq_reset; retry: a take "
+            "failed, e.g. it raced a flush; admin).",
             ["reason"],
             registry=r,
         )

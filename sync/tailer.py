@@ -65,6 +65,7 @@ class Followed:
     row: CollectionRow | None = None
     live: LiveReplica | None = None
     taking: bool = False
+    take_again: bool = False  # the log was reset under a take in progress
     failed: str | None = None
     retakes: Counter[str] = field(default_factory=Counter)
 
@@ -125,6 +126,7 @@ class StorageTailer:
         self.last_error: str | None = None
         self.ready = False
         self.polls = 0
+        self.seq_resets = 0  # times the log's newest seqs were deleted (and will be reused)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -231,6 +233,7 @@ class StorageTailer:
             "position": self._position,
             "lag_s": round(self.gauges()["lag_s"], 3),
             "polls": self.polls,
+            "seq_resets": self.seq_resets,
             "last_error": self.last_error,
             "collections": {
                 cid: {
@@ -320,10 +323,20 @@ class StorageTailer:
                 log.info("collection %s is gone from the primary; dropping its replica", cid)
                 self.forget(cid)
         if top < self._position:
+            # The newest rows are gone (their collection was deleted, the only way the max
+            # can fall: a purge keeps each collection's newest row), and their seqs will be
+            # handed out again. Every remaining row is at or below ``top`` and applied, so
+            # each replica holds up to ``top``: go on from there.
+            log.info("log seqs above %d were deleted and will be reused", top)
+            self.seq_resets += 1
+            for followed in self._followed.values():
+                # A take under way may have read past ``top``: take it once more.
+                followed.take_again = followed.taking
+                if followed.live is not None and not followed.taking:
+                    live = followed.live
+                    live.position = live.view.position = min(live.position, top)
             self._position = top
             self._data_seen = None
-            for cid in list(self._followed):
-                self._spawn(self._take(cid, "seq_reused"))
             return
         self._newest = max(self._newest, top)
         end = max([self._position] + [r.seq for r in rows])
@@ -436,7 +449,12 @@ class StorageTailer:
         followed.live, followed.taking, followed.failed = live, False, None
         followed.retakes.pop("retry", None)  # the backoff starts again
         if cid in self._followed:
-            self._replicas.swap(live.view)
+            # A view newer than any of the replaced replica's (made in the take's thread, the
+            # first one could be older, and the set refuses older generations).
+            self._replicas.swap(live.renew_view())
+        if followed.take_again:
+            followed.take_again = False
+            self._spawn(self._take(cid, "seq_reset"))
         await self._notify_applied()
 
     async def _take_caught_up(self, cid: str, followed: Followed) -> LiveReplica:

@@ -6,10 +6,12 @@
 1. Generates a reproducible clustered collection (rows x dim, metadata and documents) and loads
    it into a Chroma primary started by the proxy (embedded mode), unless it is already there
    (`--data-dir` keeps it between runs).
-2. Measures export + build of the replica: from the first read until the replica serves.
-3. For unfiltered and filtered top-10 queries at concurrency 1, 8 and 32, drives the same
-   query bodies with wrk at the primary directly and at the proxy (replica path with the
-   result cache off, so every request is a real search), and reports QPS and p50/p95/p99.
+2. For each replica source (`--modes`, default storage then export: the primary's own HNSW
+   files and log, or an export and an independent build), measures the time from the first
+   read until the replica serves, then for unfiltered and filtered top-10 queries at
+   concurrency 1, 8 and 32 drives the same query bodies with wrk at the proxy (replica path
+   with the result cache off, so every request is a real search), and once at the primary
+   directly; reports QPS and p50/p95/p99.
 4. Computes recall@10 of both against exact search (numpy, float64) on the same queries.
 
 Writes bench/results/replica.{json,md} and prints the ratios. All processes share one 2-core
@@ -47,27 +49,50 @@ def main() -> None:
     vectors, queries = dataset(args.rows, args.dim, args.queries)
     data_dir = Path(args.data_dir) if args.data_dir else None
     results: dict[str, Any] = {"rows": args.rows, "dim": args.dim, "seconds": args.seconds}
+    primary: dict[str, Any] = {}  # measured once, with the first mode's proxy running idle
+    for mode in args.modes.split(","):
+        results[mode] = _run_mode(mode, args, vectors, queries, data_dir, primary)
+    results["primary"] = primary
+    write_report(Path(args.out), "replica", results, _markdown(results))
+
+
+def _run_mode(
+    mode: str,
+    args: argparse.Namespace,
+    vectors: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    data_dir: Path | None,
+    primary: dict[str, Any],
+) -> dict[str, Any]:
+    """One proxy with replicas from ``mode`` (storage: the primary's own files and log;
+    export: paginated export and an independent build)."""
     # No periodic refresh during the run (a rebuild would compete with what is measured), and
     # no result cache: the 200 query bodies repeat, and every request must be a real search.
     proxy_args = ("--replicate", "", "--build-threads", "2", "--max-staleness-s", "86400",
-                  "--refresh-interval-s", "86400", "--cache-max-bytes", "0")  # fmt: skip
+                  "--refresh-interval-s", "86400", "--cache-max-bytes", "0",
+                  "--replica-source", mode)  # fmt: skip
+    out: dict[str, Any] = {}
     with Proxy(*proxy_args, data_dir=data_dir) as proxy:
         cid = _ensure_loaded(proxy.primary_url, vectors)
-        results["build"] = _measure_build(proxy, cid, args.rows)
-        print(f"replica built: {results['build']}", flush=True)
+        out["build"] = _measure_build(proxy, cid, args.rows)
+        print(f"{mode}: replica serving: {out['build']}", flush=True)
         for label, where in FILTERS.items():
             bodies = [_body(q, where) for q in queries]
             path = f"{D}/collections/{cid}/query"
-            entry: dict[str, Any] = {}
-            for side, base in (("primary", proxy.primary_url), ("replica", proxy.url)):
-                entry[side] = {"recall@10": _recall(base + path, bodies, vectors, queries, where)}
+            sides = [("replica", proxy.url)]
+            if label not in primary:
+                sides.insert(0, ("primary", proxy.primary_url))
+            for side, base in sides:
+                entry: dict[str, Any] = {
+                    "recall@10": _recall(base + path, bodies, vectors, queries, where)
+                }
                 for c in CONCURRENCY:
-                    print(f"{label} c={c} {side} ...", flush=True)
+                    print(f"{mode}: {label} c={c} {side} ...", flush=True)
                     run = wrk(base + path, connections=c, seconds=args.seconds, method="POST",
                               bodies=bodies)  # fmt: skip
-                    entry[side][str(c)] = run.as_dict()
-            results[label] = entry
-    write_report(Path(args.out), "replica", results, _markdown(results))
+                    entry[str(c)] = run.as_dict()
+                (primary if side == "primary" else out)[label] = entry
+    return out
 
 
 def _body(query: npt.NDArray[np.float32], where: dict[str, Any] | None) -> str:
@@ -159,42 +184,49 @@ def _allowed(where: dict[str, Any], n: int) -> npt.NDArray[np.bool_]:
 
 
 def _markdown(results: dict[str, Any]) -> str:
-    b = results["build"]
     lines = [
         f"# Replica path vs primary: {results['rows']} x {results['dim']} clustered, cosine, "
         f"top-10, {results['seconds']} s per point",
-        "",
-        f"Export + build + publish of the replica: {b['seconds']} s = **{b['rows_per_s']} rows/s** "
-        f"(export {b['export_seconds']} s = {b['export_rows_per_s']} rows/s; build and publish "
-        f"{b['build_and_publish_seconds']} s).",
-        "",
-        "| query | c | primary QPS | replica QPS | QPS x | primary p50/p95/p99 ms "
-        "| replica p50/p95/p99 ms | p99 ratio | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    modes = [m for m in ("storage", "export") if m in results]
+    for mode in modes:
+        b = results[mode]["build"]
+        lines += [
+            "",
+            f"## {mode} mode",
+            "",
+            f"First read until the replica serves: {b['seconds']} s = **{b['rows_per_s']} "
+            f"rows/s** (export {b['export_seconds']} s; the rest is build or take).",
+            "",
+            "| query | c | primary QPS | replica QPS | QPS x | primary p50/p95/p99 ms "
+            "| replica p50/p95/p99 ms | p99 ratio | errors |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label in FILTERS:
+            for c in map(str, CONCURRENCY):
+                p, r = results["primary"][label][c], results[mode][label][c]
+                lines.append(
+                    f"| {label} | {c} | {p['qps']:.0f} | {r['qps']:.0f} "
+                    f"| {r['qps'] / p['qps']:.1f} "
+                    f"| {p['p50_ms']:.1f} / {p['p95_ms']:.1f} / {p['p99_ms']:.1f} "
+                    f"| {r['p50_ms']:.2f} / {r['p95_ms']:.2f} / {r['p99_ms']:.2f} "
+                    f"| {r['p99_ms'] / p['p99_ms']:.2f} "
+                    f"| {p['errors'] + p['non_2xx']} / {r['errors'] + r['non_2xx']} |"
+                )
+    header = " | ".join(f"{m} replica" for m in modes)
+    lines += ["", f"| query | primary recall@10 | {header} |", "|---|---|" + "---|" * len(modes)]
     for label in FILTERS:
-        entry = results[label]
-        for c in map(str, CONCURRENCY):
-            p, r = entry["primary"][c], entry["replica"][c]
-            lines.append(
-                f"| {label} | {c} | {p['qps']:.0f} | {r['qps']:.0f} | {r['qps'] / p['qps']:.1f} "
-                f"| {p['p50_ms']:.1f} / {p['p95_ms']:.1f} / {p['p99_ms']:.1f} "
-                f"| {r['p50_ms']:.2f} / {r['p95_ms']:.2f} / {r['p99_ms']:.2f} "
-                f"| {r['p99_ms'] / p['p99_ms']:.2f} "
-                f"| {p['errors'] + p['non_2xx']} / {r['errors'] + r['non_2xx']} |"
-            )
-    lines += ["", "| query | primary recall@10 | replica recall@10 |", "|---|---|---|"]
-    for label in FILTERS:
-        entry = results[label]
-        lines.append(
-            f"| {label} | {entry['primary']['recall@10']} | {entry['replica']['recall@10']} |"
-        )
+        cells = " | ".join(str(results[m][label]["recall@10"]) for m in modes)
+        lines.append(f"| {label} | {results['primary'][label]['recall@10']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
 def _args() -> argparse.Namespace:
     parser = dataset_args(__doc__ or "")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument(
+        "--modes", default="storage,export", help="replica sources to measure, in this order"
+    )
     return parser.parse_args()
 
 

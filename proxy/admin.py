@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from index.live import LiveView
 from index.reaper import REAPER
 from index.snapshot import MANIFEST, Manifest
 from sync.scheduler import RebuildScheduler, Wanted, newest_snapshots
@@ -101,6 +102,16 @@ def _replica_status(replica: Any) -> dict[str, Any]:
         "space": manifest.space,
         "hnsw": manifest.hnsw,
         "directory": str(replica.directory),
+        # Storage mode (index/live.py): the log position served, rows changed since the take.
+        **(
+            {
+                "source": "storage",
+                "log_position": replica.position,
+                "overlay_rows": replica.owner.overlay_rows,
+            }
+            if isinstance(replica, LiveView)
+            else {"source": "snapshot"}
+        ),
     }
 
 

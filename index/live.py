@@ -126,6 +126,11 @@ class Graph:
         self.next_label = next_label
         self.lock = RWLock()
         self.version = 0  # bumped by every mutation; a view remembers the one it was made at
+        # Cosine: the primary's stored length of each base label (sync/take.py), and the
+        # labels whose vectors the replay wrote (their unit vectors are this hnswlib's, not
+        # the primary's bits, so their embeddings are left to the primary).
+        self.lengths = np.zeros(0, np.float32)
+        self.replayed: set[int] = set()
 
     def apply(self, op: Op) -> None:
         """Replay one log row the way the primary applied it (call under the write lock)."""
@@ -145,6 +150,7 @@ class Graph:
             label = self.id_to_label[op.id] = self.next_label
             self.next_label += 1
         self._insert(op.vector, label)
+        self.replayed.add(label)
 
     def _insert(self, vector: npt.NDArray[np.float32], label: int) -> None:
         if self.index is None and not self.dim:  # the collection's first vector sets it
@@ -432,18 +438,19 @@ class LiveView(ReplicaIndex):
         return out
 
     def embeddings(self, rows: Rows) -> Vectors:
-        if self.graph.space == "cosine":
-            # The graph holds unit vectors; the primary scales them back by a stored norm
-            # whose exact arithmetic is not replicated yet: let the primary answer.
-            raise NotLocal("embeddings of a cosine collection in storage mode")
         if len(rows) == 0:
             return np.empty((0, self.graph.dim), np.float32)
+        labels = self.label_of_row[rows]
         with self.graph.lock.reading():
             self._check_current()
-            found: Vectors = np.asarray(
-                self.graph.index.get_items(self.label_of_row[rows]), np.float32
-            )
-            return found
+            found: Vectors = np.asarray(self.graph.index.get_items(labels), np.float32)
+            if self.graph.space != "cosine":
+                return found  # l2 and ip keep the vectors as written
+            if not self.graph.replayed.isdisjoint(labels.tolist()):
+                raise NotLocal("embeddings of cosine rows the log wrote: the primary answers")
+            # The primary's own arithmetic: stored unit vector times stored length, float32.
+            scaled: Vectors = found * self.graph.lengths[labels][:, None]
+            return scaled
 
     def _check_current(self) -> None:
         if self.graph.version != self.graph_version:

@@ -28,6 +28,7 @@ from .storage import (
     LogRow,
     copy_segment,
     deleted_labels,
+    label_lengths,
     queue_max,
     read_queue,
     read_records,
@@ -121,7 +122,12 @@ def _graph(c: CollectionRow, copy: Any) -> Graph:
     index.set_ef(params["ef_search"])
     gone = set(int(label) for label in deleted_labels(copy))
     id_to_label = {i: lab for i, lab in copy.labels.id_to_label.items() if lab not in gone}
-    return Graph(index, space, dim, id_to_label, copy.labels.total_elements_added + 1, params)
+    graph = Graph(index, space, dim, id_to_label, copy.labels.total_elements_added + 1, params)
+    labels, lengths = label_lengths(copy)
+    if len(labels):
+        graph.lengths = np.zeros(int(labels.max()) + 1, np.float32)
+        graph.lengths[labels.astype(np.int64)] = lengths
+    return graph
 
 
 def settle(records: list[tuple[str, int, Row]], ops: list[Op]) -> tuple[list[str], list[Row]]:

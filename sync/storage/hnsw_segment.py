@@ -466,3 +466,16 @@ def deleted_labels(copy: SegmentCopy) -> npt.NDArray[np.uint64]:
     level0 = _level0(copy.directory, copy.header)
     deleted = level0["label"][(level0["flags"] & DELETED_BIT) != 0]
     return np.array(deleted, dtype=np.uint64)  # a plain array, not a view of the mapping
+
+
+def label_lengths(copy: SegmentCopy) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32]]:
+    """(label, stored length) of every element of the copy. For cosine the graph holds unit
+    vectors and the primary returns an embedding as the stored unit vector times this float32
+    length (chroma's hnswlib fork, getDataByLabel), so a replica that multiplies the same two
+    float32 numbers returns the same bits. Empty for a never-flushed copy."""
+    if copy.header is None:
+        return np.zeros(0, np.uint64), np.zeros(0, np.float32)
+    level0 = _level0(copy.directory, copy.header)
+    count = copy.header.cur_element_count
+    lengths = np.fromfile(copy.directory / LENGTH_FILE, dtype="<f4", count=count)
+    return np.array(level0["label"], dtype=np.uint64), lengths.astype(np.float32)

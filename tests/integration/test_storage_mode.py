@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,54 @@ def test_random_writes_then_every_read_equals_the_primarys(
                 if not (empty and read_path.endswith("/query")):
                     assert via.headers["X-Proxy-Source"] in LOCAL, (read_path, body, via.text)
                 _same(via.json(), want.json())
+
+
+def test_the_update_then_add_reproducer_leaves_the_primary_right(proxy: ProxyProcess) -> None:
+    """chroma-wire.md 14.17: an update of a missing id, an add of it, then concurrent reads
+    can leave the update's embedding stored on a plain 1.5.9 server (2 of 10 tries), and an
+    export's concurrent pages made it happen every time. In storage mode the reads are the
+    proxy's own (it sends the primary no reads for its replicas), so the primary keeps the
+    add's embedding and every read says so."""
+    name = "repro-" + uuid.uuid4().hex[:8]
+    with httpx.Client(timeout=60) as client:
+        body = {"name": name, "configuration": {"hnsw": {"space": "l2"}}}
+        cid = client.post(f"{proxy.url}{D}/collections", json=body).json()["id"]
+        path = f"{D}/collections/{cid}"
+        seed = {"ids": ["seed"], "embeddings": [[5.0, 5.0, 5.0]]}
+        assert client.post(f"{proxy.url}{path}/add", json=seed).status_code == 201
+        wait_until(partial(_local, client, proxy.url, cid), 30, "storage replica")
+        for i in range(10):
+            rid = f"foo{i}"
+            update = {"ids": [rid], "embeddings": [[0.0, 0.0, 0.0]]}
+            assert client.post(f"{proxy.url}{path}/update", json=update).status_code == 200
+            add = {"ids": [rid], "embeddings": [[1.0, 1.0, 1.0]]}
+            assert client.post(f"{proxy.url}{path}/add", json=add).status_code == 201
+            reads = [
+                ("POST", f"{path}/get", {"ids": [rid], "include": ["embeddings"]}),
+                ("GET", f"{path}/count", None),
+                ("POST", f"{path}/get", {"limit": 50, "include": ["embeddings"]}),
+            ]
+            with ThreadPoolExecutor(3) as pool:
+                answers = list(
+                    pool.map(lambda r: client.request(r[0], proxy.url + r[1], json=r[2]), reads)
+                )
+            assert all(a.headers["X-Proxy-Source"] in LOCAL for a in answers)
+            assert answers[0].json()["embeddings"] == [[1.0, 1.0, 1.0]]
+            direct = client.post(f"{proxy.primary_url}{path}/get", json=reads[0][2]).json()
+            assert direct["embeddings"] == [[1.0, 1.0, 1.0]], f"try {i}: the primary changed"
+
+
+def test_cosine_embeddings_are_the_primarys_bits(proxy: ProxyProcess, flushed: str) -> None:
+    """The graph holds unit vectors; the primary returns stored unit vector x stored length
+    (float32), which differs from the written vector in the last bits. The replica does the
+    same multiplication on the same bits from the primary's files."""
+    body = {"ids": [f"r{i}" for i in range(0, 2000, 37)], "include": ["embeddings"]}
+    with httpx.Client(timeout=60) as client:
+        via, direct = _both(client, proxy, f"{D}/collections/{flushed}/get", body)
+        assert via.headers["X-Proxy-Source"] in LOCAL, via.headers
+        assert via.json() == direct.json()
+        query = {"query_embeddings": [direct.json()["embeddings"][0]], "n_results": 5,
+                 "include": ["embeddings", "distances"]}  # fmt: skip
+        via, direct = _both(client, proxy, f"{D}/collections/{flushed}/query", query)
+        assert via.headers["X-Proxy-Source"] in LOCAL, via.headers
+        assert via.json()["embeddings"] == direct.json()["embeddings"]

@@ -81,7 +81,10 @@ class SearchBatcher:
                     return
                 take = min(len(self._queue), self._max_batch)
                 batch = [self._queue.popleft() for _ in range(take)]
-            outcomes = self._compute(batch)
+            try:
+                outcomes = self._compute(batch)
+            except Exception as exc:  # never lose the drain loop, nor leave a request waiting
+                outcomes = [(False, exc)] * len(batch)
             loop.call_soon_threadsafe(_settle, batch, outcomes)
 
     def _compute(self, batch: list[Search]) -> list[Outcome]:
@@ -101,8 +104,12 @@ class SearchBatcher:
                 outcomes[i] = (False, exc)
         for group in stackable.values():
             replica = batch[group[0][0]].replica
-            for i, outcome in self._stacked(replica, group):
-                outcomes[i] = outcome
+            try:
+                for i, outcome in self._stacked(replica, group):
+                    outcomes[i] = outcome
+            except Exception as exc:  # e.g. a storage-mode view superseded mid-batch
+                for i, _ in group:
+                    outcomes[i] = (False, exc)
         return [o if o is not None else (False, RuntimeError("not computed")) for o in outcomes]
 
     def _stacked(

@@ -8,15 +8,19 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
+from index.errors import Superseded
+from index.live import ADD, Op
 from index.replica import ReplicaIndex
 from proxy import local
 from proxy.admission import SearchGate
 from proxy.batching import SearchBatcher
 from proxy.errors import Overloaded
 from sync.build import build_and_publish
+from tests.index.test_live import DIM, empty_replica
 from tests.index.test_snapshot import make_export
 
 
@@ -98,3 +102,26 @@ async def test_an_abandoned_search_is_skipped(replica: ReplicaIndex, tmp_path: P
     executor.release()
     await asyncio.sleep(0)
     assert gone.cancelled() and kept.result() == local.answer(replica, prepared[1], 50)
+
+
+async def test_a_superseded_storage_view_fails_its_stacked_queries_and_the_drain_goes_on() -> None:
+    """A storage-mode view whose graph the log replay moved on raises Superseded inside a
+    stacked hnswlib call: its requests get that error (reads.py retries them on the current
+    view) and the drain loop keeps serving. It used to escape the drain thread, leaving the
+    requests waiting forever and, once every drain thread had died, all local reads."""
+    live = empty_replica()
+    vector = np.zeros(DIM, np.float32)
+    old = live.apply([Op(1, ADD, "a", vector, {}), Op(2, ADD, "b", vector + 1, {})], 2)
+    live.apply([Op(3, ADD, "c", vector + 2, {})], 3)  # moves the graph past `old`
+    body = orjson.dumps({"query_embeddings": [vector.tolist()], "n_results": 1})
+    prepared = [local.prepare("query", body, {}, None, None) for _ in range(3)]
+    executor = HeldExecutor()
+    batcher = SearchBatcher(executor, 1, 16, 50, lambda admitted_at: None)
+    stale = [batcher.submit(old, p, 0.0) for p in prepared]
+    executor.release()
+    await asyncio.sleep(0)
+    assert all(isinstance(f.exception(), Superseded) for f in stale)
+    fresh = batcher.submit(live.view, prepared[0], 0.0)
+    executor.release()  # a new drain loop starts: none was lost
+    await asyncio.sleep(0)
+    assert orjson.loads(fresh.result())["ids"] == [["a"]]

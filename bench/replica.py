@@ -146,7 +146,7 @@ def _measure_build(proxy: Proxy, cid: str, rows: int) -> dict[str, float]:
         "seconds": round(seconds, 2),
         "rows_per_s": round(rows / seconds),
         "export_seconds": export_s,
-        "export_rows_per_s": round(rows / export_s) if export_s else 0,
+        "export_rows_per_s": round(rows / export_s) if export_s > 0 else 0,  # NaN: no export
         "build_and_publish_seconds": round(seconds - export_s, 2),
     }
 

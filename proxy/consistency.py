@@ -113,3 +113,46 @@ def replica_may_answer(
     if covers_seq >= tracker.seq(collection_id):
         return True
     return cut_at > tracker.last_write_at(collection_id) + CLOCK_MARGIN_S
+
+
+# A collection written through this proxy whose covering log position is being looked up.
+PENDING = -1
+
+
+@dataclass(slots=True)
+class LogMarks:
+    """Storage mode: per collection, a position in the primary's log that covers every write
+    this proxy forwarded to it, so that a session read compares it with its replica's
+    position instead of reading the log itself.
+
+    After each write's answer the proxy reads the log's newest seq (learned). A look-up that
+    started after a write ended covers it; while any is under way the mark is PENDING."""
+
+    _pending: dict[str, int] = field(default_factory=dict)
+    _found: dict[str, tuple[int, float]] = field(default_factory=dict)  # in this round
+    _marks: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def wrote(self, collection_id: str) -> None:
+        self._pending[collection_id] = self._pending.get(collection_id, 0) + 1
+
+    def learned(self, collection_id: str, position: int | None, started_at: float) -> None:
+        """A look-up begun at ``started_at`` found ``position`` (None: it failed)."""
+        left = self._pending.get(collection_id, 1) - 1
+        if position is not None:
+            pos, at = self._found.get(collection_id, (0, 0.0))
+            self._found[collection_id] = (max(pos, position), max(at, started_at))
+        if left:
+            self._pending[collection_id] = left
+            return
+        self._pending.pop(collection_id, None)
+        found = self._found.pop(collection_id, None)
+        if found is None:
+            self._marks.pop(collection_id, None)  # unknown: reads look the log up themselves
+        else:
+            self._marks[collection_id] = found
+
+    def mark(self, collection_id: str) -> tuple[int, float] | int | None:
+        """(position, when its look-up began), PENDING, or None (nothing known)."""
+        if collection_id in self._pending:
+            return PENDING
+        return self._marks.get(collection_id)

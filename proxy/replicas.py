@@ -26,7 +26,7 @@ from sync.tailer import StorageTailer
 
 from .batching import SearchBatcher
 from .config import Config
-from .consistency import Level, Writes, WriteTracker, replica_may_answer
+from .consistency import PENDING, Level, LogMarks, Writes, WriteTracker, replica_may_answer
 from .errors import BadRequest
 from .routes import Route
 
@@ -67,6 +67,8 @@ class ReplicaRouter:
             max_workers=config.search_slots, thread_name_prefix="replica-search"
         )
         self._missing: dict[str, float] = {}
+        self.log_marks = LogMarks()  # storage mode: see caught_up
+        self._learning: set[asyncio.Task[None]] = set()
         self.batcher = SearchBatcher(
             self.executor,
             config.search_slots,
@@ -130,27 +132,57 @@ class ReplicaRouter:
         level requires, or None if that takes longer than storage_wait_s (forward).
 
         strong: every write the primary has acknowledged, learned from its log now.
-        session: the same, but only after a write through this proxy that the tailer may
-        not have seen: a write that ended before the tailer last confirmed it was caught up
-        is included. Other writes are at most one poll behind. bounded, eventual: as is."""
+        session: every write this proxy forwarded to the collection (its log mark, or the log
+        read now while the mark is being learned); writes by others are at most one poll
+        behind. bounded, eventual: as is."""
         scheduler = self.scheduler
         assert isinstance(scheduler, StorageTailer)
         cid = view.collection_id
         if level is Level.EVENTUAL or level is Level.BOUNDED:
             return view
-        tracker = self.tracker
-        seen = not tracker.busy(cid) and tracker.last_write_at(cid) < view.owner.confirmed_at
-        if level is Level.SESSION and seen:
-            # The owner's current view: ``view`` was read before the request waited for
-            # its body, and the confirmation may be newer than it.
-            return self.replicas.get(cid)
-        target = await scheduler.position_now()
         current = self.replicas.get(cid)
-        behind = not isinstance(current, LiveView) or current.position < target
-        wait_s = self.config.storage_wait_s
-        if behind and not await scheduler.wait_applied(cid, target, wait_s):
+        if not isinstance(current, LiveView):  # dropped meanwhile
+            return None
+        target = self._session_target(current) if level is Level.SESSION else PENDING
+        if target is None:
+            return current
+        if target == PENDING:
+            target = await scheduler.position_now()
+        if current.position >= target:
+            return current
+        if not await scheduler.wait_applied(cid, target, self.config.storage_wait_s):
             return None
         return self.replicas.get(cid)
+
+    def _session_target(self, current: LiveView) -> int | None:
+        """The log position a session read must see (PENDING: look it up), None for none."""
+        cid = current.collection_id
+        mark = self.log_marks.mark(cid)
+        written_at = self.tracker.last_write_at(cid)  # across worker processes too
+        if isinstance(mark, tuple) and written_at <= mark[1]:
+            return mark[0]
+        if mark is None and written_at < current.owner.confirmed_at:
+            return None  # no write since the tailer last confirmed it had everything
+        return PENDING
+
+    def _learn_mark(self, cid: str) -> None:
+        """After a write's answer, in the background: the log position that covers it."""
+        scheduler = self.scheduler
+        assert isinstance(scheduler, StorageTailer)
+        self.log_marks.wrote(cid)
+
+        async def learn() -> None:
+            started = time.time()
+            try:
+                position: int | None = await scheduler.position_now()
+            except Exception as exc:  # reads then look the log up themselves
+                log.warning("reading the primary's log position failed: %s", exc)
+                position = None
+            self.log_marks.learned(cid, position, started)
+
+        task = asyncio.create_task(learn())
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -178,6 +210,8 @@ class ReplicaRouter:
             return
         if token.route.op != "delete_collection":
             self.scheduler.notify_write(token.collection_id)
+            if isinstance(self.scheduler, StorageTailer):
+                self._learn_mark(token.collection_id)
 
     def _written_collection(self, route: Route) -> str | None:
         if route.collection is None:

@@ -43,6 +43,7 @@ from .storage import (
     connect,
     list_collections,
     queue_max,
+    queue_tops,
     read_queue_after,
     segment_seqs,
 )
@@ -115,6 +116,8 @@ class StorageTailer:
         self._followed: dict[str, Followed] = {}
         self._position = 0  # every log row up to here is applied to every followed replica
         self._newest = 0  # the newest log seq seen (position_now, or a poll)
+        # The newest seq read of each topic, to tell where seqs may be reused (_rewind).
+        self._topic_seq: dict[str, int] = {}
         self._data_seen: tuple[int, int] | None = None
         self._kick = asyncio.Event()
         self._applied = asyncio.Condition()
@@ -180,7 +183,8 @@ class StorageTailer:
                 await asyncio.sleep(1.0)
 
     async def _start(self) -> None:
-        self._position = await asyncio.to_thread(self._sql, queue_max)
+        self._topic_seq = await asyncio.to_thread(self._sql, queue_tops)
+        self._position = max(self._topic_seq.values(), default=0)
         rows = await asyncio.to_thread(self._sql, list_collections)
         for spec in self._settings.replicate:
             tenant, _, database = spec.partition("/")
@@ -322,21 +326,14 @@ class StorageTailer:
             if cid not in by_id:
                 log.info("collection %s is gone from the primary; dropping its replica", cid)
                 self.forget(cid)
-        if top < self._position:
-            # The newest rows are gone (their collection was deleted, the only way the max
-            # can fall: a purge keeps each collection's newest row), and their seqs will be
-            # handed out again. Every remaining row is at or below ``top`` and applied, so
-            # each replica holds up to ``top``: go on from there.
-            log.info("log seqs above %d were deleted and will be reused", top)
-            self.seq_resets += 1
-            for followed in self._followed.values():
-                # A take under way may have read past ``top``: take it once more.
-                followed.take_again = followed.taking
-                if followed.live is not None and not followed.taking:
-                    live = followed.live
-                    live.position = live.view.position = min(live.position, top)
-            self._position = top
-            self._data_seen = None
+        if self._rewind({c.topic for c in collections}):
+            return
+        if top < self._position:  # rows vanished without their collection: trust nothing
+            log.warning("the log's newest seq fell to %d below %d; taking every replica again",
+                        top, self._position)  # fmt: skip
+            self._position, self._data_seen = top, None
+            for cid in list(self._followed):
+                self._spawn(self._take(cid, "seq_reset"))
             return
         self._newest = max(self._newest, top)
         end = max([self._position] + [r.seq for r in rows])
@@ -345,12 +342,38 @@ class StorageTailer:
             followed.row = by_id.get(cid, followed.row)
             await self._advance(cid, followed, rows, end, holes, seqs.get(cid))
         self._position = end
+        for r in rows:
+            self._topic_seq[r.topic] = r.seq
         if len(rows) >= ROWS_PER_READ:
             self._kick.set()  # more to read: not caught up yet, so nothing is confirmed
         else:
             self._data_seen = version
             self._confirm(now)
         await self._notify_applied()
+
+    def _rewind(self, topics: set[str]) -> bool:
+        """After a collection was deleted: its log rows went with it, and if they were the
+        newest, their seqs will be handed out again to new rows, which a tailer reading only
+        after its position would never see. Every row of a surviving collection is at or
+        below the newest one read of such a collection, so go back there (and read again
+        what this poll read). True if it went back."""
+        for gone in [t for t in self._topic_seq if t not in topics]:
+            del self._topic_seq[gone]
+        surviving = max(self._topic_seq.values(), default=0)
+        if surviving >= self._position:
+            return False
+        log.info("log rows after seq %d went with a deleted collection; reading on from there",
+                 surviving)  # fmt: skip
+        self.seq_resets += 1
+        for followed in self._followed.values():
+            followed.take_again = followed.taking  # a take under way may have read past it
+            if followed.live is not None and not followed.taking:
+                live = followed.live
+                live.position = live.view.position = min(live.position, surviving)
+        self._position = surviving
+        self._data_seen = None
+        self._kick.set()
+        return True
 
     def _read_changes(self) -> tuple[list[Any], int, list[CollectionRow], dict[str, int]]:
         """Blocking: new log rows, then the collections and their segments' flush points.

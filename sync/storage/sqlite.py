@@ -236,6 +236,12 @@ def segment_seq(conn: sqlite3.Connection, segment_id: str) -> int | None:
     return decode_seq(rows[0][0]) if rows else None
 
 
+def queue_tops(conn: sqlite3.Connection) -> dict[str, int]:
+    """Each topic's newest seq in the queue (the queue is small: purged at every flush)."""
+    rows = _all(conn, "SELECT topic, max(seq_id) FROM embeddings_queue GROUP BY topic")
+    return {topic: int(seq) for topic, seq in rows}
+
+
 def segment_seqs(conn: sqlite3.Connection, segment_ids: Iterable[str]) -> dict[str, int]:
     """``max_seq_id`` of each of ``segment_ids`` that has one, in one statement (the table holds
     at most two rows per collection, so it is read whole rather than bound id by id)."""

@@ -412,3 +412,36 @@ def test_cosine_embeddings_are_the_primarys_bits(proxy: ProxyProcess, flushed: s
         via, direct = _both(client, proxy, f"{D}/collections/{flushed}/query", query)
         assert via.headers["X-Proxy-Source"] in LOCAL, via.headers
         assert via.json()["embeddings"] == direct.json()["embeddings"]
+
+
+def test_seqs_reused_after_the_newest_collection_is_deleted(
+    primary: ChromaServer, data: Any, tmp_path: Path
+) -> None:
+    """Deleting the collection that holds the log's newest rows lets the primary hand their
+    seqs out again. A tailer that polls rarely, and then finds more new rows than were
+    deleted (so the log's max did not even fall), must still read the reused seqs."""
+    with httpx.Client(timeout=120) as client:
+        cid = create(client, primary.url, "reuse-" + uuid.uuid4().hex[:8])
+        add(client, primary.url, cid, data[0][:300], 0)
+        proc = ProxyProcess(
+            "--primary", primary.url, "--primary-persist-path", str(primary.path),
+            "--storage-poll-interval-s", "30", "--storage-wait-s", "20", "--replicate", "",
+            "--data-dir", str(tmp_path / "data"), log_dir=tmp_path,
+        )  # fmt: skip
+        try:
+            wait_until(partial(_local, client, proc.url, cid), 60, "storage replica")
+            strong = {"X-Proxy-Consistency": "strong"}
+            doomed = "doomed-" + uuid.uuid4().hex[:8]
+            add(client, primary.url, create(client, primary.url, doomed), data[0][300:320], 300)
+            count = client.get(f"{proc.url}{D}/collections/{cid}/count", headers=strong)
+            assert count.json() == 300  # and the tailer has read past the doomed rows
+            assert client.delete(f"{primary.url}{D}/collections/{doomed}").status_code == 200
+            add(client, primary.url, cid, data[0][320:350], 320)  # seqs reused, and more
+            count = client.get(f"{proc.url}{D}/collections/{cid}/count", headers=strong)
+            assert count.headers["X-Proxy-Source"] == "replica"
+            assert count.json() == 330
+            ids = {"ids": [f"r{i}" for i in range(320, 350)], "include": ["metadatas"]}
+            got = client.post(f"{proc.url}{D}/collections/{cid}/get", json=ids, headers=strong)
+            assert got.json()["ids"] == ids["ids"]
+        finally:
+            assert proc.stop() == 0, proc.logs()

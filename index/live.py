@@ -341,6 +341,12 @@ class LiveView(ReplicaIndex):
     def generation(self) -> int:
         return self.manifest.generation
 
+    def latest(self) -> LiveView:
+        """The collection's newest view. A search that waited for a thread while the log
+        moved the graph on runs there rather than failing as Superseded: a newer view holds
+        every write an older one did, so any consistency level is still met."""
+        return self.owner.view
+
     def age_s(self, now: float | None = None) -> float:
         """Seconds since the tailer last confirmed this position is the primary's newest."""
         return (now or time.time()) - self.owner.confirmed_at

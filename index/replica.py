@@ -98,6 +98,11 @@ class ReplicaIndex:
     def documents(self) -> list[str | None]:
         return self.records.documents
 
+    def latest(self) -> ReplicaIndex:
+        """The replica a search should run on now: this one (a storage-mode view answers
+        with its collection's newest view instead, index/live.py)."""
+        return self
+
     @property
     def generation(self) -> int:
         return self.manifest.generation

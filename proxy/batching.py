@@ -91,6 +91,7 @@ class SearchBatcher:
         outcomes: list[Outcome | None] = [None] * len(batch)
         stackable: dict[tuple[int, int], list[tuple[int, local.QueryPlan]]] = {}
         for i, search in enumerate(batch):
+            search.replica = search.replica.latest()  # storage mode: the newest view
             try:
                 self._check_deadline(search.admitted_at)
                 plan = _stackable_plan(search)

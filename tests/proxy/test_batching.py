@@ -104,24 +104,46 @@ async def test_an_abandoned_search_is_skipped(replica: ReplicaIndex, tmp_path: P
     assert gone.cancelled() and kept.result() == local.answer(replica, prepared[1], 50)
 
 
-async def test_a_superseded_storage_view_fails_its_stacked_queries_and_the_drain_goes_on() -> None:
-    """A storage-mode view whose graph the log replay moved on raises Superseded inside a
-    stacked hnswlib call: its requests get that error (reads.py retries them on the current
-    view) and the drain loop keeps serving. It used to escape the drain thread, leaving the
-    requests waiting forever and, once every drain thread had died, all local reads."""
+async def test_a_superseded_storage_view_searches_on_the_newest_one() -> None:
+    """A storage-mode view whose graph the log replay moved on while its searches waited is
+    not searched (it would raise Superseded): they run on the collection's newest view."""
     live = empty_replica()
     vector = np.zeros(DIM, np.float32)
-    old = live.apply([Op(1, ADD, "a", vector, {}), Op(2, ADD, "b", vector + 1, {})], 2)
-    live.apply([Op(3, ADD, "c", vector + 2, {})], 3)  # moves the graph past `old`
+    old = live.apply([Op(1, ADD, "a", vector + 1, {}), Op(2, ADD, "b", vector + 2, {})], 2)
+    live.apply([Op(3, ADD, "c", vector, {})], 3)  # moves the graph past `old`
     body = orjson.dumps({"query_embeddings": [vector.tolist()], "n_results": 1})
     prepared = [local.prepare("query", body, {}, None, None) for _ in range(3)]
     executor = HeldExecutor()
     batcher = SearchBatcher(executor, 1, 16, 50, lambda admitted_at: None)
-    stale = [batcher.submit(old, p, 0.0) for p in prepared]
+    futures = [batcher.submit(old, p, 0.0) for p in prepared]
     executor.release()
     await asyncio.sleep(0)
-    assert all(isinstance(f.exception(), Superseded) for f in stale)
-    fresh = batcher.submit(live.view, prepared[0], 0.0)
+    assert [orjson.loads(f.result())["ids"] for f in futures] == [[["c"]]] * 3
+
+
+async def test_an_error_in_a_stacked_search_fails_its_requests_and_the_drain_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It used to escape the drain thread: its requests waited forever and, once every drain
+    thread had died this way, no local read was answered again."""
+    live = empty_replica()
+    vector = np.zeros(DIM, np.float32)
+    view = live.apply([Op(1, ADD, "a", vector, {}), Op(2, ADD, "b", vector + 1, {})], 2)
+    body = orjson.dumps({"query_embeddings": [vector.tolist()], "n_results": 1})
+    prepared = [local.prepare("query", body, {}, None, None) for _ in range(3)]
+    executor = HeldExecutor()
+    batcher = SearchBatcher(executor, 1, 16, 50, lambda admitted_at: None)
+
+    def broken(*args: Any) -> Any:
+        raise Superseded("the log moved on")
+
+    monkeypatch.setattr(view, "search_hnsw", broken)
+    failing = [batcher.submit(view, p, 0.0) for p in prepared]
+    executor.release()
+    await asyncio.sleep(0)
+    assert all(isinstance(f.exception(), Superseded) for f in failing)
+    monkeypatch.undo()
+    fresh = batcher.submit(view, prepared[0], 0.0)
     executor.release()  # a new drain loop starts: none was lost
     await asyncio.sleep(0)
     assert orjson.loads(fresh.result())["ids"] == [["a"]]

@@ -7,6 +7,8 @@ answers itself; every answer is compared with the primary's own for the same req
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -445,3 +447,36 @@ def test_seqs_reused_after_the_newest_collection_is_deleted(
             assert got.json()["ids"] == ids["ids"]
         finally:
             assert proc.stop() == 0, proc.logs()
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [str(Path(sys.executable).parent / "replica-proxy"), "serve", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_storage_mode_without_a_database_refuses_to_start(
+    primary: ChromaServer, tmp_path: Path
+) -> None:
+    run = _serve(
+        "--primary", primary.url, "--primary-persist-path", str(tmp_path / "nothing"),
+        "--replica-source", "storage", "--listen", "127.0.0.1:0",
+        "--data-dir", str(tmp_path / "data"),
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "no Chroma database at" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_auto_mode_without_a_database_says_why_and_exports(
+    primary: ChromaServer, flushed: str, tmp_path: Path
+) -> None:
+    proc = ProxyProcess(
+        "--primary", primary.url, "--primary-persist-path", str(tmp_path / "nothing"),
+        "--data-dir", str(tmp_path / "data"), log_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        with httpx.Client(timeout=60) as client:
+            wait_until(partial(_local, client, proc.url, flushed), 120, "exported replica")
+        assert "storage mode is not possible (no Chroma database at" in proc.logs()
+        assert "export" in proc.logs()
+    finally:
+        assert proc.stop() == 0, proc.logs()

@@ -480,3 +480,31 @@ def test_auto_mode_without_a_database_says_why_and_exports(
         assert "export" in proc.logs()
     finally:
         assert proc.stop() == 0, proc.logs()
+
+
+def test_read_your_writes_across_worker_processes(
+    primary: ChromaServer, tailed: str, tmp_path: Path
+) -> None:
+    """With two workers each tails the log itself; a write through one is read back through
+    the other (a new connection per request, so the kernel spreads them) and answered from
+    its replica: the shared ledger tells the reader a write it did not forward happened."""
+    proc = ProxyProcess(
+        "--primary", primary.url, "--primary-persist-path", str(primary.path), "--workers", "2",
+        "--cache-max-bytes", "0", "--data-dir", str(tmp_path / "data"), log_dir=tmp_path,
+    )  # fmt: skip
+    path = f"{D}/collections/{tailed}"
+    try:
+        workers = set()
+        for i in range(30):
+            meta = {"cat": f"w{i}"}
+            with httpx.Client(timeout=60) as client:
+                body = {"ids": ["r7"], "metadatas": [meta]}
+                assert client.post(f"{proc.url}{path}/update", json=body).status_code == 200
+            with httpx.Client(timeout=60) as client:
+                got = client.post(f"{proc.url}{path}/get", json={"ids": ["r7"]})
+            assert got.json()["metadatas"] == [{**got.json()["metadatas"][0], **meta}]
+            if got.headers["X-Proxy-Source"] in LOCAL:
+                workers.add(got.headers["X-Proxy-Worker"])
+        assert workers == {"0", "1"}, workers  # both answered locally at least once
+    finally:
+        assert proc.stop() == 0, proc.logs()

@@ -171,13 +171,8 @@ class Graph:
 
 
 @dataclass
-class Base:
+class Base(Records):
     """The records of a take, in the primary's storage order; never changed afterwards."""
-
-    ids: list[str]
-    documents: list[str | None]
-    uris: list[str | None]
-    metadatas: list[dict[str, Any] | None]
 
     def __post_init__(self) -> None:
         self.row_of = {rid: row for row, rid in enumerate(self.ids)}

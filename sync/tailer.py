@@ -29,9 +29,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from index.holder import ReplicaSet
 from index.live import LiveReplica, LiveView, Op
@@ -55,6 +57,7 @@ DATABASE = "chroma.sqlite3"
 # Log rows read per statement; more are read in the next round of the same poll.
 ROWS_PER_READ = 5000
 RetakeObserver = Callable[[str], None]  # the reason
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -125,6 +128,8 @@ class StorageTailer:
         self._conn: sqlite3.Connection | None = None
         self._conn_lock = threading.Lock()  # one statement at a time on the connection
         self._takes = asyncio.Semaphore(1)  # one take at a time: they compete for the CPU
+        # Polls, takes and position look-ups (one each at a time, at most).
+        self._executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="storage")
         self.building: str | None = None
         self.last_error: str | None = None
         self.ready = False
@@ -143,8 +148,17 @@ class StorageTailer:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # A cancelled task's blocking call goes on in its thread: wait for it to finish.
+        await asyncio.to_thread(self._executor.shutdown, True)
         if self._conn is not None:
             self._conn.close()
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` in the tailer's own threads. Not asyncio.to_thread: on the way out those
+        threads must have finished with the SQLite connection and the hnswlib graphs before
+        either is closed or freed (a take left running into interpreter shutdown crashed the
+        process)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -183,9 +197,9 @@ class StorageTailer:
                 await asyncio.sleep(1.0)
 
     async def _start(self) -> None:
-        self._topic_seq = await asyncio.to_thread(self._sql, queue_tops)
+        self._topic_seq = await self._blocking(self._sql, queue_tops)
         self._position = max(self._topic_seq.values(), default=0)
-        rows = await asyncio.to_thread(self._sql, list_collections)
+        rows = await self._blocking(self._sql, list_collections)
         for spec in self._settings.replicate:
             tenant, _, database = spec.partition("/")
             for row in rows:
@@ -272,7 +286,7 @@ class StorageTailer:
     async def position_now(self) -> int:
         """The log's newest seq right now (one short statement): every write the primary has
         acknowledged is at or below it."""
-        found: int = await asyncio.to_thread(self._sql, queue_max)
+        found: int = await self._blocking(self._sql, queue_max)
         self._newest = max(self._newest, found)
         return found
 
@@ -316,11 +330,11 @@ class StorageTailer:
     async def _poll(self) -> None:
         self.polls += 1
         now = time.time()
-        version = await asyncio.to_thread(self._sql, self._data_version)
+        version = await self._blocking(self._sql, self._data_version)
         if version == self._data_seen:
             self._confirm(now)
             return
-        rows, top, collections, seqs = await asyncio.to_thread(self._read_changes)
+        rows, top, collections, seqs = await self._blocking(self._read_changes)
         by_id = {c.id: c for c in collections}
         for cid in list(self._followed):
             if cid not in by_id:
@@ -422,7 +436,7 @@ class StorageTailer:
         if ops:
             log.debug("collection %s: applying log rows %d..%d", cid, ops[0].seq, ops[-1].seq)
             try:
-                view = await asyncio.to_thread(live.apply, ops, end)
+                view = await self._blocking(live.apply, ops, end)
             except Exception as exc:  # the replica may be half-applied: never answer from it
                 log.error("collection %s: replaying the log failed (%s); taking it again", cid, exc)
                 self._replicas.drop(cid)
@@ -481,20 +495,20 @@ class StorageTailer:
         await self._notify_applied()
 
     async def _take_caught_up(self, cid: str, followed: Followed) -> LiveReplica:
-        rows = await asyncio.to_thread(self._sql, list_collections)
+        rows = await self._blocking(self._sql, list_collections)
         row = next((c for c in rows if c.id == cid), None)
         if row is None:
             raise StorageError(f"collection {cid} is not in the primary's database")
         followed.row = row
         scratch = self._settings.scratch
-        live: LiveReplica = await asyncio.to_thread(
+        live: LiveReplica = await self._blocking(
             self._sql, lambda conn: take(conn, self._settings.persist, row, scratch)
         )
         # The take ends at its own position; the tailer may be further on by now.
         while live.position < self._position:
             target = self._position
-            ops = await asyncio.to_thread(self._tail_of, row, live.position, target)
-            await asyncio.to_thread(live.apply, ops, target)
+            ops = await self._blocking(self._tail_of, row, live.position, target)
+            await self._blocking(live.apply, ops, target)
         return live
 
     def _tail_of(self, row: CollectionRow, after: int, upto: int) -> list[Op]:

@@ -123,6 +123,24 @@ def proxy(
     assert proc.stop() == 0, proc.logs()
 
 
+def _slow_tailer(
+    primary: ChromaServer, tmp_path: Path, client: httpx.Client, cid: str
+) -> ProxyProcess:
+    """A storage-mode proxy that looks at the log only when a read asks it to (a 30 s poll),
+    once it serves ``cid`` locally."""
+    proc = ProxyProcess(
+        "--primary", primary.url, "--primary-persist-path", str(primary.path),
+        "--storage-poll-interval-s", "30", "--storage-wait-s", "20", "--replicate", "",
+        "--data-dir", str(tmp_path / "data"), log_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        wait_until(partial(_local, client, proc.url, cid), 60, "storage replica")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
 def _local(client: httpx.Client, base: str, cid: str) -> bool:
     resp = client.get(f"{base}{D}/collections/{cid}/count")
     return resp.headers.get("X-Proxy-Source") in LOCAL
@@ -253,13 +271,8 @@ def test_rows_purged_before_they_were_read_force_a_retake(
     with httpx.Client(timeout=120) as client:
         cid = create(client, primary.url, "purge-" + uuid.uuid4().hex[:8])
         add(client, primary.url, cid, data[0][:500], 0)
-        proc = ProxyProcess(
-            "--primary", primary.url, "--primary-persist-path", str(primary.path),
-            "--storage-poll-interval-s", "30", "--storage-wait-s", "20", "--replicate", "",
-            "--data-dir", str(tmp_path / "data"), log_dir=tmp_path,
-        )  # fmt: skip
+        proc = _slow_tailer(primary, tmp_path, client, cid)
         try:
-            wait_until(lambda: _local(client, proc.url, cid), 60, "storage replica")
             add(client, primary.url, cid, data[0][500:1600], 500)  # flush at 1,000 purges
             strong = {"X-Proxy-Consistency": "strong"}
             via = client.get(f"{proc.url}{D}/collections/{cid}/count", headers=strong)
@@ -425,13 +438,8 @@ def test_seqs_reused_after_the_newest_collection_is_deleted(
     with httpx.Client(timeout=120) as client:
         cid = create(client, primary.url, "reuse-" + uuid.uuid4().hex[:8])
         add(client, primary.url, cid, data[0][:300], 0)
-        proc = ProxyProcess(
-            "--primary", primary.url, "--primary-persist-path", str(primary.path),
-            "--storage-poll-interval-s", "30", "--storage-wait-s", "20", "--replicate", "",
-            "--data-dir", str(tmp_path / "data"), log_dir=tmp_path,
-        )  # fmt: skip
+        proc = _slow_tailer(primary, tmp_path, client, cid)
         try:
-            wait_until(partial(_local, client, proc.url, cid), 60, "storage replica")
             strong = {"X-Proxy-Consistency": "strong"}
             doomed = "doomed-" + uuid.uuid4().hex[:8]
             add(client, primary.url, create(client, primary.url, doomed), data[0][300:320], 300)

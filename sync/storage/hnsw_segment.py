@@ -96,9 +96,13 @@ class LabelMap:
 EMPTY_LABELS = LabelMap({}, {}, 0, None, None)
 
 
-class _NoClassesUnpickler(pickle.Unpickler):
+class _NoClassesUnpickler(pickle._Unpickler):
     """Reads plain containers and scalars only: any class or function reference is refused,
-    so a crafted file cannot run code (the real file holds dicts, strings and ints)."""
+    so a crafted file cannot run code (the real file holds dicts, strings and ints).
+
+    The pure-Python unpickler, not the C one: the C one builds a 100k-row label map in one
+    call that holds the GIL for ~175 ms, and a take runs beside the serving event loop. This
+    one is slower (it runs in the take's thread) but lets the loop in between."""
 
     def find_class(self, module: str, name: str) -> Any:
         raise SegmentCorrupt(f"{PICKLE_FILE} refers to {module}.{name}; refused")

@@ -157,6 +157,10 @@ class ReplicaRouter:
     def _session_target(self, current: LiveView) -> int | None:
         """The log position a session read must see (PENDING: look it up), None for none."""
         cid = current.collection_id
+        if self.tracker.busy(cid):
+            # A write is in flight: its answer may already have reached its client (the
+            # response is streamed before the books are closed), so it must be visible.
+            return PENDING
         mark = self.log_marks.mark(cid)
         written_at = self.tracker.last_write_at(cid)  # across worker processes too
         if isinstance(mark, tuple) and written_at <= mark[1]:

@@ -22,13 +22,15 @@ from pathlib import Path
 
 from aiohttp import web
 
+from sync.tailer import StorageTailer
+
 from . import __version__
 from .app import AccessLogger, build_app
 from .config import Config
 from .embedded import EmbeddedPrimary
 from .ledger import LISTENING, Ledger
 from .sample import NAME as SAMPLE_NAME
-from .state import METRICS, STATE
+from .state import CONFIG, METRICS, ROUTER, STATE
 from .workers import Worker, Workers, first_worker, until_orphaned
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ async def serve(config: Config) -> None:
             supervisor = asyncio.create_task(workers.supervise(), name="worker-supervisor")
             stack.push_async_callback(_cancel, supervisor)
             await _until_listening(first.ledger, config.workers, config.embedded_start_timeout_s)
-        _announce(config, runner, primary_url, embedded is not None)
+        _announce(config, runner, primary_url, embedded is not None, _replica_source(app))
         on_signal = workers.signal if workers is not None else None
         await _wait_for_signal(on_signal)
         await _drain(app, runner, config, on_signal)
@@ -142,8 +144,20 @@ def _bound_port(runner: web.AppRunner) -> int:
     return port
 
 
-def _announce(config: Config, runner: web.AppRunner, primary_url: str, embedded: bool) -> None:
-    """The start-up banner on stdout: where to connect, and something to try."""
+def _replica_source(app: web.Application) -> str:
+    config = app[CONFIG]
+    if not config.replicas:
+        return "off (every request is forwarded)"
+    if isinstance(app[ROUTER].scheduler, StorageTailer):
+        return f"the primary's own files and log in {config.primary_persist_path}"
+    return f"exports of the primary (role {config.role})"
+
+
+def _announce(
+    config: Config, runner: web.AppRunner, primary_url: str, embedded: bool, source: str
+) -> None:
+    """The start-up banner on stdout: where to connect, where replicas come from, and
+    something to try."""
     port = _bound_port(runner)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     kind = "embedded" if embedded else "remote"
@@ -151,6 +165,7 @@ def _announce(config: Config, runner: web.AppRunner, primary_url: str, embedded:
     lines = [
         f"replica-proxy {__version__} serving on http://{host}:{port}{workers} "
         f"-> {kind} primary {primary_url}",
+        f"Replicas: {source}",
         "Try it from Python (pip install chromadb==1.5.9):",
         "    import chromadb",
         f'    client = chromadb.HttpClient(host="{host}", port={port})',

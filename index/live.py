@@ -36,7 +36,7 @@ import numpy.typing as npt
 from .columns import Columns, Mask
 from .errors import NotLocal, ReplayFailed, Superseded
 from .filters import Filter, plain_ascii
-from .replica import Records, ReplicaIndex, Rows, Vectors, _distances
+from .replica import Records, ReplicaIndex, Rows, Vectors, exact_top
 from .rwlock import RWLock
 from .snapshot import Manifest
 
@@ -430,13 +430,7 @@ class LiveView(ReplicaIndex):
         if self.graph.space == "cosine":
             norms = np.linalg.norm(sub, axis=1)
             inverse = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1), 0).astype(np.float32)
-        out = []
-        for query in queries:
-            dists = _distances(self.graph.space, sub, query, inverse)
-            top = np.argpartition(dists, k - 1)[:k] if k < len(dists) else np.arange(len(dists))
-            top = top[np.lexsort((rows[top], dists[top]))]
-            out.append((rows[top], dists[top].astype(np.float32)))
-        return out
+        return exact_top(self.graph.space, sub, rows, queries, k, inverse)
 
     def embeddings(self, rows: Rows) -> Vectors:
         if len(rows) == 0:

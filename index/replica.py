@@ -186,13 +186,7 @@ class ReplicaIndex:
         """Brute force over ``rows``, in float32 like hnswlib, with each space's distance."""
         sub = np.asarray(self.vectors[rows], dtype=np.float32)
         inverse_norms = self._inverse_norms()[rows] if self.manifest.space == "cosine" else None
-        out = []
-        for query in queries:
-            dists = _distances(self.manifest.space, sub, query, inverse_norms)
-            top = np.argpartition(dists, k - 1)[:k] if k < len(dists) else np.arange(len(dists))
-            top = top[np.lexsort((rows[top], dists[top]))]
-            out.append((rows[top], dists[top].astype(np.float32)))
-        return out
+        return exact_top(self.manifest.space, sub, rows, queries, k, inverse_norms)
 
     def _inverse_norms(self) -> npt.NDArray[np.float32]:
         """1/|x| per row for cosine, computed on first use (a benign race between threads:
@@ -249,6 +243,25 @@ class ReplicaIndex:
     def embeddings(self, rows: Rows) -> Vectors:
         result: Vectors = np.asarray(self.vectors[rows], dtype=np.float32)
         return result
+
+
+def exact_top(
+    space: str,
+    sub: Vectors,
+    rows: Rows,
+    queries: Vectors,
+    k: int,
+    inverse_norms: npt.NDArray[np.float32] | None,
+) -> list[tuple[Rows, npt.NDArray[np.float32]]]:
+    """Top-k of ``rows`` (whose vectors are ``sub``) per query, ascending by distance, ties
+    by row."""
+    out = []
+    for query in queries:
+        dists = _distances(space, sub, query, inverse_norms)
+        top = np.argpartition(dists, k - 1)[:k] if k < len(dists) else np.arange(len(dists))
+        top = top[np.lexsort((rows[top], dists[top]))]
+        out.append((rows[top], dists[top].astype(np.float32)))
+    return out
 
 
 def _distances(

@@ -312,14 +312,11 @@ class LiveView(ReplicaIndex):
             self.overlay.documents_plain_ascii
         )
         self.manifest = _manifest(owner, generation, self.n)
-        self.directory = None
-        self.covers_write_seq = -1
-        self.index = None  # searches go through self.graph (under its lock)
-        self.vectors = np.empty((0, owner.graph.dim), np.float32)
-        self.row_of = {}  # lookups: _row_of_id (the base's map, then this view's appended)
+        self.directory = None  # not a snapshot on disk
+        self.covers_write_seq = -1  # consistency is by log position (proxy/replicas.py)
+        # Ids look-ups: the base's map, then this view's appended rows (_row_of_id). Searches
+        # and vectors go through self.graph, under its lock.
         self.appended_row_of = dict(owner.appended_row_of)
-        self.columns = base.table.columns
-        self._inverse_norms_cache = None
         # The reaper (index/reaper.py) must not take apart parts other views share.
         self.shares_parts = True
         # Only what the request path needs of the model (sync/take.py model_of): lookups of

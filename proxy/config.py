@@ -70,8 +70,8 @@ class Config:
         "auto",
     )
     storage_poll_interval_s: float = _key(
-        "Storage mode: how often the primary's log is polled (a stat of its database file "
-        "when nothing changed). Reads that must see a write wake the tailer at once.",
+        "Storage mode: how often the primary's log is polled (two short statements when "
+        "nothing changed). Reads that must see a write wake the tailer at once.",
         0.1,
     )
     storage_overlay_max_rows: int = _key(

@@ -7,11 +7,13 @@ with the volume mounted read-only), a replica is the primary's HNSW segment plus
 * every poll_interval_s (or at once when a read is waiting for it) SQLite's data_version says
   whether anything changed; if so, one short statement reads the log rows after the last
   position, and they are replayed into each followed collection's replica;
-* whatever breaks continuity re-takes the collection from storage, never patched over: rows
-  purged before they were read (the primary deletes a collection's rows below its last flush),
-  seq numbers reused (the queue's max went down), a take that raced a flush, an unknown vector
-  encoding. Each reason is logged and counted; the old replica keeps serving reads that accept
-  its age meanwhile;
+* whatever breaks continuity takes the collection again from storage, never patched over:
+  rows purged before they were read (the primary deletes a collection's rows below its last
+  flush), a take or catch-up that raced a flush, a row that cannot be replayed, an overlay
+  past its bound. Each reason is logged and counted; the old replica keeps serving reads that
+  accept its age meanwhile. A row in an unknown vector encoding stops the collection's local
+  reads (forwarded). Seqs reused after the newest collection was deleted are read again from
+  the last row of a surviving collection (_rewind);
 * strong and session reads learn the log's position (position_now) and wait until the replica
   has applied it (wait_applied), so they are answered locally too.
 
@@ -41,6 +43,8 @@ from index.live import LiveReplica, LiveView, Op
 
 from .storage import (
     CollectionRow,
+    LogGap,
+    LogRow,
     StorageError,
     check_schema,
     connect,
@@ -48,6 +52,7 @@ from .storage import (
     queue_max,
     queue_tops,
     read_queue_after,
+    segment_seq,
     segment_seqs,
 )
 from .take import UnknownEncoding, decode, take
@@ -91,8 +96,8 @@ def _untraced(fn: Callable[..., T], *args: Any) -> T:
     collector's sight. A take allocates a million-odd container objects (records, metadata,
     columns), and the collections they trigger scan every tracked object while holding the
     GIL: growing stalls of the event loop, 20 ms rising to 170 ms over a 100k take. With
-    the collector paused and the result frozen the longest stall was 45 ms and the take a
-    quarter faster. The replica's objects form no cycles: reference counting frees them
+    the collector paused and the result frozen the longest stall was under 50 ms and the
+    take a quarter faster. The replica's objects form no cycles: reference counting frees them
     when it is replaced, frozen or not."""
     gc.disable()
     try:
@@ -242,10 +247,6 @@ class StorageTailer:
             return False
         self._spawn(self._take(collection_id, "admin"))
         return True
-
-    def taking(self, collection_id: str) -> bool:
-        followed = self._followed.get(collection_id)
-        return followed is not None and followed.taking
 
     def wants(self, collection_id: str) -> bool:
         return collection_id in self._followed
@@ -517,10 +518,7 @@ class StorageTailer:
         if row is None:
             raise StorageError(f"collection {cid} is not in the primary's database")
         followed.row = row
-        scratch = self._settings.scratch
-        live: LiveReplica = await self._blocking(
-            self._sql, lambda conn: _untraced(take, conn, self._settings.persist, row, scratch)
-        )
+        live: LiveReplica = await self._blocking(self._take_apart, row)
         # The take ends at its own position; the tailer may be further on by now.
         while live.position < self._position:
             target = self._position
@@ -528,6 +526,26 @@ class StorageTailer:
             await self._blocking(live.apply, ops, target)
         return live
 
+    def _take_apart(self, row: CollectionRow) -> LiveReplica:
+        """Blocking: a take, on a connection of its own. The tailer's connection serves one
+        statement at a time, and a take's few seconds on it would hold up every poll and
+        every strong read's look at the log."""
+        conn = connect(self._settings.persist / DATABASE)
+        try:
+            return _untraced(take, conn, self._settings.persist, row, self._settings.scratch)
+        finally:
+            conn.close()
+
     def _tail_of(self, row: CollectionRow, after: int, upto: int) -> list[Op]:
-        rows = self._sql(lambda conn: read_queue_after(conn, after, 1 << 30, topic=row.topic))
+        """Blocking: the collection's log rows in (after, upto], or LogGap if the primary
+        flushed past ``after`` around the read (it purges the rows below a flush)."""
+
+        def read(conn: sqlite3.Connection) -> list[LogRow]:
+            before = segment_seq(conn, row.vector_segment) or 0
+            found = read_queue_after(conn, after, 1 << 30, topic=row.topic)
+            if max(before, segment_seq(conn, row.vector_segment) or 0) > after + 1:
+                raise LogGap(f"{row.id}: the primary flushed past seq {after}; taking again")
+            return found
+
+        rows: list[LogRow] = self._sql(read)
         return [decode(r) for r in rows if r.seq <= upto]

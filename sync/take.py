@@ -10,7 +10,6 @@ do not have them yet (settle); rows that a delete removed mid-read are replayed 
 
 from __future__ import annotations
 
-import logging
 import shutil
 import sqlite3
 import time
@@ -34,8 +33,6 @@ from .storage import (
     read_records,
     segment_seq,
 )
-
-log = logging.getLogger(__name__)
 
 FLOAT32 = "FLOAT32"
 

@@ -310,29 +310,30 @@ def _backup(server_db: Path, dest: Path) -> sqlite3.Connection:
     return copy
 
 
-def test_a_database_missing_a_migration_is_refused(world: World, tmp_path: Path) -> None:
-    copy = _backup(world.persist / "chroma.sqlite3", tmp_path / "copy.sqlite3")
-    copy.execute("DELETE FROM migrations WHERE dir = 'metadb' AND version = 6")
-    copy.close()
-    with pytest.raises(SchemaMismatch, match=r"missing.*metadb/00006-metadata-array-support"):
-        check_schema(connect(tmp_path / "copy.sqlite3"))
-
-
-def test_a_database_of_a_newer_chroma_is_refused(world: World, tmp_path: Path) -> None:
-    copy = _backup(world.persist / "chroma.sqlite3", tmp_path / "copy.sqlite3")
-    copy.execute("INSERT INTO migrations VALUES ('sysdb', 11, '00011-future.sqlite.sql', '', '')")
-    copy.close()
-    with pytest.raises(SchemaMismatch, match=r"found 19 .* unknown .*sysdb/00011-future"):
-        check_schema(connect(tmp_path / "copy.sqlite3"))
-
-
-def test_a_database_without_a_column_the_readers_use_is_refused(
-    world: World, tmp_path: Path
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        (  # a database of an older Chroma
+            "DELETE FROM migrations WHERE dir = 'metadb' AND version = 6",
+            r"missing.*metadb/00006-metadata-array-support",
+        ),
+        (  # of a newer one
+            "INSERT INTO migrations VALUES ('sysdb', 11, '00011-future.sqlite.sql', '', '')",
+            r"found 19 .* unknown .*sysdb/00011-future",
+        ),
+        (  # without a column the readers use
+            "ALTER TABLE embeddings_queue DROP COLUMN encoding",
+            r"embeddings_queue lacks column.*encoding",
+        ),
+    ],
+)
+def test_a_database_of_another_schema_is_refused(
+    world: World, tmp_path: Path, change: str, refusal: str
 ) -> None:
     copy = _backup(world.persist / "chroma.sqlite3", tmp_path / "copy.sqlite3")
-    copy.execute("ALTER TABLE embeddings_queue DROP COLUMN encoding")
+    copy.execute(change)
     copy.close()
-    with pytest.raises(SchemaMismatch, match=r"embeddings_queue lacks column.*encoding"):
+    with pytest.raises(SchemaMismatch, match=refusal):
         check_schema(connect(tmp_path / "copy.sqlite3"))
 
 

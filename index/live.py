@@ -23,7 +23,7 @@ takes the current view instead.
 
 from __future__ import annotations
 
-import itertools
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ import numpy.typing as npt
 from .columns import Columns, Mask
 from .errors import NotLocal, ReplayFailed, Superseded
 from .filters import Filter, plain_ascii
-from .replica import Records, ReplicaIndex, Rows, Vectors, exact_top
+from .replica import EXACT_SHARE, Records, ReplicaIndex, Rows, Vectors, exact_top
 from .rwlock import RWLock
 from .snapshot import Manifest
 
@@ -44,7 +44,17 @@ from .snapshot import Manifest
 ADD, UPDATE, UPSERT, DELETE = 0, 1, 2, 3
 DOCUMENT_KEY = "chroma:document"
 URI_KEY = "chroma:uri"
-_generations = itertools.count(time.time_ns())
+_last_generation = [0]
+_generation_lock = threading.Lock()
+
+
+def _next_generation() -> int:
+    """Like a snapshot's (index/snapshot.py new_generation: the clock in ns), and rising
+    with every view, so a view replaces the snapshot it was made from (ReplicaSet.swap).
+    Views are made in worker threads, hence the lock."""
+    with _generation_lock:
+        _last_generation[0] = max(_last_generation[0] + 1, time.time_ns())
+        return _last_generation[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,32 @@ def merged(row: Row, op: Op) -> Row:
     return Row(document, uri, _visible(meta, uri))
 
 
+def copied(rid: str, state: tuple[Vectors, Row] | None) -> list[Op]:
+    """Ops that make ``rid`` what ``state`` says (LiveReplica.state_of) whatever it was:
+    delete, then add the vector and the record whole (an update would merge)."""
+    ops = [Op(0, DELETE, rid, None, {})]
+    if state is not None:
+        vector, row = state
+        meta = {**(row.metadata or {}), DOCUMENT_KEY: row.document, URI_KEY: row.uri}
+        ops.append(Op(0, ADD, rid, vector, meta))
+    return ops
+
+
+def replaced(rid: str, was: Row, state: tuple[Vectors, Row]) -> Op | None:
+    """An op that makes an existing row what ``state`` says in place, keeping its position
+    (as an update does on the primary); None if no update can (a document or uri, once set,
+    is never unset: chroma-wire.md 5)."""
+    vector, row = state
+    if (was.document is not None and row.document is None) or (
+        was.uri is not None and row.uri is None
+    ):
+        return None
+    meta: dict[str, Any] = {key: None for key in was.metadata or {}}
+    meta.update(row.metadata or {})
+    meta[DOCUMENT_KEY], meta[URI_KEY] = row.document, row.uri
+    return Op(0, UPSERT, rid, vector, meta)
+
+
 def _visible(meta: dict[str, Any], uri: str | None) -> dict[str, Any] | None:
     """The metadata the primary returns: never its `chroma:` keys; ``{}`` rather than null
     when the row has a uri (stored as one of those keys), null when it has nothing else."""
@@ -104,6 +140,14 @@ class Table:
         self.documents = documents
         self.columns = Columns(metadatas)
         self.documents_plain_ascii = plain_ascii(documents)
+
+    @classmethod
+    def of(cls, replica: ReplicaIndex) -> Table:
+        """A snapshot replica's rows, reusing the columns it already built."""
+        table = cls.__new__(cls)
+        table.n, table.documents, table.columns = replica.n, replica.documents, replica.columns
+        table.documents_plain_ascii = replica.documents_plain_ascii
+        return table
 
 
 class Graph:
@@ -131,6 +175,8 @@ class Graph:
         # the primary's bits, so their embeddings are left to the primary).
         self.lengths = np.zeros(0, np.float32)
         self.replayed: set[int] = set()
+        # Export mode: the snapshot's vectors (exactly the primary's bits), by label = row.
+        self.base_vectors: Vectors | None = None
 
     def apply(self, op: Op) -> None:
         """Replay one log row the way the primary applied it (call under the write lock)."""
@@ -178,6 +224,15 @@ class Base(Records):
         self.row_of = {rid: row for row, rid in enumerate(self.ids)}
         self.table = Table(self.documents, self.metadatas)
 
+    @classmethod
+    def of(cls, replica: ReplicaIndex) -> Base:
+        """A snapshot replica's records, reusing its id map and columns (never changed)."""
+        base = cls.__new__(cls)
+        r = replica.records
+        Records.__init__(base, r.ids, r.documents, r.uris, r.metadatas)
+        base.row_of, base.table = replica.row_of, Table.of(replica)
+        return base
+
 
 class LiveReplica:
     """Base records + graph + the log replayed on both; makes immutable views."""
@@ -190,12 +245,17 @@ class LiveReplica:
         base: Base,
         position: int,
         confirmed_at: float = 0.0,
+        source: str = "storage",
     ) -> None:
         self.model = model
         self.hnsw = hnsw
         self.graph = graph
         self.base = base
         self.position = position  # the log seq everything up to which is applied
+        # "storage": follows the primary's log (position is a log seq). "export": a snapshot
+        # plus the writes this proxy forwarded (proxy/overlay.py); position is then the
+        # proxy's write counter the replica includes (proxy/consistency.py).
+        self.source = source
         # Every write the primary committed before this time is applied. Set by whoever read
         # the log, from a clock reading taken *before* it read (a later one would claim writes
         # that landed between the read and now).
@@ -208,9 +268,32 @@ class LiveReplica:
         self.appended_row_of: dict[str, int] = {}
         self.view = self._make_view()
 
+    @classmethod
+    def from_snapshot(cls, replica: ReplicaIndex, index: Any) -> LiveReplica:
+        """Export mode: a snapshot replica made writable. ``index`` must be a copy of its
+        graph that nothing else searches (hnswlib forbids a search during an insert)."""
+        m = replica.manifest
+        graph = Graph(index, m.space, int(m.dimension or 0), dict(replica.row_of), replica.n,
+                      dict(m.hnsw))  # fmt: skip
+        graph.base_vectors = replica.vectors
+        replica.shares_parts = True  # the reaper (index/reaper.py) must leave them whole
+        return cls(m.collection, dict(m.hnsw), graph, Base.of(replica), replica.covers_write_seq,
+                   m.created_at, source="export")  # fmt: skip
+
     @property
     def collection_id(self) -> str:
         return str(self.model["id"])
+
+    def state_of(self, rid: str) -> tuple[Vectors, Row] | None:
+        """The id's vector and record now, or None if it is absent (blocking: takes the
+        graph's read lock)."""
+        with self.graph.lock.reading():
+            row = self.row_of(rid)
+            if row is None:
+                return None
+            label = self.graph.id_to_label[rid]
+            vector = np.asarray(self.graph.index.get_items([label]), np.float32)[0]
+            return vector, self.record(row)
 
     @property
     def overlay_rows(self) -> int:
@@ -267,7 +350,7 @@ class LiveReplica:
         return self.view
 
     def _make_view(self) -> LiveView:
-        return LiveView(self, next(_generations))
+        return LiveView(self, _next_generation())
 
 
 class LiveView(ReplicaIndex):
@@ -313,15 +396,18 @@ class LiveView(ReplicaIndex):
         )
         self.manifest = _manifest(owner, generation, self.n)
         self.directory = None  # not a snapshot on disk
-        self.covers_write_seq = -1  # consistency is by log position (proxy/replicas.py)
+        # Storage mode: consistency is by log position (proxy/replicas.py caught_up). Export
+        # mode: by the proxy's write counter, like a snapshot's (proxy/consistency.py).
+        self.follows_log = owner.source == "storage"
+        self.covers_write_seq = -1 if self.follows_log else owner.position
         # Ids look-ups: the base's map, then this view's appended rows (_row_of_id). Searches
         # and vectors go through self.graph, under its lock.
         self.appended_row_of = dict(owner.appended_row_of)
         # The reaper (index/reaper.py) must not take apart parts other views share.
         self.shares_parts = True
-        # Only what the request path needs of the model (sync/take.py model_of): lookups of
-        # the collection are forwarded.
-        self.has_collection_model = False
+        # A take keeps only what the request path needs of the model (sync/take.py
+        # model_of): lookups of the collection are forwarded. A snapshot has all of it.
+        self.has_collection_model = not self.follows_log
 
     # --- what the request path reads ---------------------------------------------------------
 
@@ -382,9 +468,13 @@ class LiveView(ReplicaIndex):
         k = min(k, candidates)
         if k == 0:
             return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+        # Export mode searches as its snapshot did (index/replica.py): a graph that is not
+        # the primary's gets closer to its answers by exact search over a small filter.
+        exact = allowed is not None and not self.follows_log
+        exact = exact and candidates <= max(exact_max_rows, EXACT_SHARE * self.n)
         with self.graph.lock.reading():
             self._check_current()
-            if self._brute_force():
+            if exact or self._brute_force():
                 return self._exact_over(queries, k, self.live if allowed is None else allowed)
             if allowed is None:
                 return self._walk(queries, k, None) or self._exact_over(queries, k, self.live)
@@ -433,13 +523,22 @@ class LiveView(ReplicaIndex):
         if len(rows) == 0:
             return np.empty((0, self.graph.dim), np.float32)
         labels = self.label_of_row[rows]
-        with self.graph.lock.reading():
+        graph = self.graph
+        with graph.lock.reading():
             self._check_current()
-            found: Vectors = np.asarray(self.graph.index.get_items(labels), np.float32)
-            if self.graph.space != "cosine":
-                return found  # l2 and ip keep the vectors as written
-            if not self.graph.replayed.isdisjoint(labels.tolist()):
+            done = graph.replayed
+            replayed = np.fromiter((x in done for x in labels.tolist()), np.bool_, len(labels))
+            if graph.space == "cosine" and replayed.any():
                 raise NotLocal("embeddings of cosine rows the log wrote: the primary answers")
+            base = graph.base_vectors
+            if base is not None and not replayed.any():
+                return np.asarray(base[labels], np.float32)
+            found: Vectors = np.asarray(graph.index.get_items(labels), np.float32)
+            if base is not None:  # the snapshot's bits (the primary's) where it has them
+                found[~replayed] = base[labels[~replayed]]
+                return found
+            if graph.space != "cosine":
+                return found  # l2 and ip keep the vectors as written
             # The primary's own arithmetic: stored unit vector times stored length, float32.
             scaled: Vectors = found * self.graph.lengths[labels][:, None]
             return scaled
@@ -466,7 +565,7 @@ def _manifest(owner: LiveReplica, generation: int, count: int) -> Manifest:
         count=count,
         dimension=owner.graph.dim,
         created_at=owner.confirmed_at,
-        source="storage",
+        source=owner.source,
         covers_write_seq=-1,
         generation=generation,
         files={},

@@ -86,6 +86,9 @@ class ReplicaIndex:
     _inverse_norms_cache: npt.NDArray[np.float32] | None = field(init=False, default=None)
     # The manifest holds the collection model exactly as the primary returned it.
     has_collection_model = True
+    # Set when an export-mode overlay reuses this replica's parts (index/live.py): the
+    # reaper then leaves them whole.
+    shares_parts = False
 
     def __post_init__(self) -> None:
         self.collection_id = self.manifest.collection_id

@@ -81,6 +81,7 @@ async def status(request: web.Request) -> web.Response:
             "swaps": router.replicas.swaps,
             "retired": REAPER.pending,
             "sync": router.scheduler.status(),
+            "write_overlay": None if router.overlay is None else router.overlay.status(),
             "event_loop_lag_max_s": app[METRICS].recent_max_lag(),
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_bytes": _rss_bytes(),
@@ -102,17 +103,21 @@ def _replica_status(replica: Any) -> dict[str, Any]:
         "space": manifest.space,
         "hnsw": manifest.hnsw,
         "directory": str(replica.directory),
-        # Storage mode (index/live.py): the log position served, rows changed since the take.
-        **(
-            {
-                "source": "storage",
-                "log_position": replica.position,
-                "overlay_rows": replica.owner.overlay_rows,
-            }
-            if isinstance(replica, LiveView)
-            else {"source": "snapshot"}
-        ),
+        **_overlay(replica),
     }
+
+
+def _overlay(replica: Any) -> dict[str, Any]:
+    """Where a replica's rows come from. Storage mode (index/live.py): the log position
+    served, rows changed since the take. Export mode with writes applied (proxy/overlay.py):
+    the proxy's write counter it covers, rows those writes changed since the snapshot."""
+    if not isinstance(replica, LiveView):
+        return {"source": "snapshot"}
+    if replica.follows_log:
+        return {"source": "storage", "log_position": replica.position,
+                "overlay_rows": replica.owner.overlay_rows}  # fmt: skip
+    return {"source": "snapshot+writes", "covers_write_seq": replica.covers_write_seq,
+            "overlay_rows": replica.owner.overlay_rows}  # fmt: skip
 
 
 def _rss_bytes() -> int:

@@ -85,6 +85,14 @@ class Config:
         "before it is forwarded instead.",
         1.0,
     )
+    export_overlay_max_rows: int = _key(
+        "Export mode: each write this proxy forwards is applied to its replica once the "
+        "primary acknowledged it, so reads that must see it stay local; when the writes have "
+        "changed this many rows the replica is rebuilt. Concurrent writes to the same rows, "
+        "writes through other workers or hosts, and failed writes fall back to rebuilds. "
+        "0 turns this off.",
+        5000,
+    )
     listen: str = _key("HOST:PORT the proxy listens on.", "127.0.0.1:8000", metavar="HOST:PORT")
     data_dir: str = _key(
         "Directory for the proxy's state (the embedded primary's data and log).",
@@ -316,6 +324,7 @@ class Config:
             "search_queue_max",
             "tenant_rate_per_s",
             "validate_queries",
+            "export_overlay_max_rows",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")

@@ -45,6 +45,8 @@ class Writes(Protocol):
 
     def busy(self, collection_id: str) -> bool: ...
 
+    def in_flight(self, collection_id: str) -> int: ...
+
     def last_write_at(self, collection_id: str) -> float: ...
 
 
@@ -88,6 +90,9 @@ class WriteTracker:
 
     def busy(self, collection_id: str) -> bool:
         return collection_id in self._in_flight
+
+    def in_flight(self, collection_id: str) -> int:
+        return self._in_flight.get(collection_id, 0)
 
 
 def replica_may_answer(

@@ -142,12 +142,15 @@ async def _stream_back(request: web.Request, resp: aiohttp.ClientResponse) -> we
     return out
 
 
-async def forward_buffered(request: web.Request) -> tuple[web.Response, bytes | None]:
-    """Forward a small bodiless read and return its response whole (for the forwarded
-    cache); the body is None when it was too large to keep."""
+async def forward_buffered(
+    request: web.Request, body_bytes: bytes | None = None
+) -> tuple[web.Response, bytes | None]:
+    """Forward a request and return the primary's response whole: a small bodiless read
+    (for the forwarded cache), or a write whose answer waits until it is applied locally
+    (proxy/overlay.py)."""
     _enter(request)
     try:
-        resp = await _send(request, None)
+        resp = await _send(request, body_bytes)
         try:
             body = await resp.read()
         except aiohttp.ClientError as exc:

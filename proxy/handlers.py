@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import reads
 from .errors import Overloaded
-from .forward import forward
+from .forward import forward, forward_buffered, read_body
 from .ledger import READY
 from .routes import RouteClass
 from .state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE, WORKER
@@ -42,12 +42,28 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 async def write(request: web.Request) -> web.StreamResponse:
     """Forward a write, keeping the books the consistency gate reads (proxy/replicas.py)."""
-    router = request.app[ROUTER]
-    token = router.begin_write(request[ROUTE])
+    router, route = request.app[ROUTER], request[ROUTE]
+    if router.applies_writes(route):
+        return await write_applied(request)
+    token = router.begin_write(route)
     try:
         return await forward(request)
     finally:
         router.end_write(token)
+
+
+async def write_applied(request: web.Request) -> web.StreamResponse:
+    """Export mode: the write is applied to the replica (proxy/overlay.py) before its answer
+    goes back, so the client's next read finds it there."""
+    router = request.app[ROUTER]
+    body = await read_body(request)
+    token = router.begin_write(request[ROUTE], body)
+    try:
+        response, _ = await forward_buffered(request, body)
+        await router.settle(token, response.status)
+    finally:
+        router.end_write(token)
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -149,5 +149,9 @@ class Ledger:
     def busy(self, collection_id: str) -> bool:
         return bool(self._in_flight[self._slot(collection_id)] > 0)
 
+    def in_flight(self, collection_id: str) -> int:
+        """Writes in flight in every worker (and any collection sharing the slot)."""
+        return int(self._in_flight[self._slot(collection_id)])
+
     def last_write_at(self, collection_id: str) -> float:
         return max(float(self._ended_at[self._slot(collection_id)]), float(self._global_at[0]))

@@ -62,7 +62,7 @@ async def read(request: web.Request) -> web.StreamResponse:
         return await forwarded_read(request)
     level = router.level(request)
     raw = await read_body(request) if request.body_exists else b""
-    if isinstance(replica, LiveView):
+    if isinstance(replica, LiveView) and replica.follows_log:
         replica = await router.caught_up(replica, level)
         if replica is None:
             metrics.local_fallbacks.labels("catching_up").inc()

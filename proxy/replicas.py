@@ -28,6 +28,7 @@ from .batching import SearchBatcher
 from .config import Config
 from .consistency import PENDING, Level, LogMarks, Writes, WriteTracker, replica_may_answer
 from .errors import BadRequest
+from .overlay import Ticket, WriteOverlay
 from .routes import Route
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class WriteToken:
 
     route: Route
     collection_id: str | None
+    ticket: Ticket | None = None  # export mode: the write will be applied locally
+    applied: bool = False
 
 
 class ReplicaRouter:
@@ -67,6 +70,18 @@ class ReplicaRouter:
             max_workers=config.search_slots, thread_name_prefix="replica-search"
         )
         self._missing: dict[str, float] = {}
+        # Export mode, where this process builds its replicas: its own writes applied to them.
+        self.overlay: WriteOverlay | None = None
+        if isinstance(self.scheduler, RebuildScheduler) and config.export_overlay_max_rows:
+            self.overlay = WriteOverlay(
+                self.replicas,
+                self.tracker,
+                # One thread: a write's apply never competes with another's for the graph.
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="replica-writes"),
+                config.export_overlay_max_rows,
+                self._compact,
+            )
+            self.scheduler.adopt = self.overlay.adopt
         self.log_marks = LogMarks()  # storage mode: see caught_up
         self._learning: set[asyncio.Task[None]] = set()
         self.batcher = SearchBatcher(
@@ -79,6 +94,8 @@ class ReplicaRouter:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.executor.shutdown, wait=True)
+        if self.overlay is not None:
+            await asyncio.to_thread(self.overlay.close)
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -115,7 +132,7 @@ class ReplicaRouter:
             ) from None
 
     def fresh_enough(self, replica: ReplicaIndex, level: Level, age_s: float) -> bool:
-        if isinstance(replica, LiveView):  # caught_up() has seen to strong and session
+        if isinstance(replica, LiveView) and replica.follows_log:  # caught_up() saw to it
             return level is Level.EVENTUAL or age_s <= self.config.max_staleness_s
         return replica_may_answer(
             level,
@@ -141,7 +158,7 @@ class ReplicaRouter:
         if level is Level.EVENTUAL or level is Level.BOUNDED:
             return view
         current = self.replicas.get(cid)
-        if not isinstance(current, LiveView):  # dropped meanwhile
+        if not isinstance(current, LiveView) or not current.follows_log:  # dropped meanwhile
             return None
         target = self._session_target(current) if level is Level.SESSION else PENDING
         if target is None:
@@ -190,32 +207,66 @@ class ReplicaRouter:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def begin_write(self, route: Route) -> WriteToken:
+    def applies_writes(self, route: Route) -> bool:
+        """Whether a write's body is read first, to be applied to the replica (overlay.py)."""
+        return (
+            self.overlay is not None
+            and route.op in ("add", "upsert", "update", "delete")
+            and route.collection is not None
+            and self.replicas.get(route.collection) is not None
+        )
+
+    def begin_write(self, route: Route, body: bytes | None = None) -> WriteToken:
         """Before a write is forwarded: mark the collection busy so reads go to the primary."""
         cid = self._written_collection(route)
         if route.op == "reset":
             for replica in self.replicas:
-                self.scheduler.forget(replica.collection_id)
+                self._forget(replica.collection_id)
             self.tracker.bump_all()
         elif route.op == "delete_database":
             for gone in self.replicas.drop_where(route.tenant, route.database):
-                self.scheduler.forget(gone)
+                self._forget(gone)
             self.tracker.bump_all()
+        token = WriteToken(route, cid)
         if cid is not None:
+            if self.overlay is not None and body is not None:
+                token.ticket = self.overlay.begin(route, body)
+            elif self.overlay is not None:
+                self.overlay.end(cid, "other_write", route.op)
             self.tracker.begin(cid)
             if route.op == "delete_collection":
-                self.scheduler.forget(cid)
-        return WriteToken(route, cid)
+                self._forget(cid)
+        return token
+
+    async def settle(self, token: WriteToken, status: int | None) -> None:
+        """Export mode, once the primary answered a write with a ticket: apply it locally."""
+        if token.ticket is not None and self.overlay is not None:
+            token.applied = await self.overlay.settle(token.ticket, status)
 
     def end_write(self, token: WriteToken) -> None:
         """After the primary answered (or failed): the write may have been applied."""
+        if token.ticket is not None and not token.applied and self.overlay is not None:
+            self.overlay.abandon(token.ticket)
         self.tracker.end(token.collection_id)
+        if token.ticket is not None and token.applied and self.overlay is not None:
+            self.overlay.counted(token.ticket)
         if token.collection_id is None:
             return
-        if token.route.op != "delete_collection":
+        if token.route.op != "delete_collection" and not token.applied:
             self.scheduler.notify_write(token.collection_id)
             if isinstance(self.scheduler, StorageTailer):
                 self._learn_mark(token.collection_id)
+
+    def _forget(self, cid: str) -> None:
+        if self.overlay is not None:
+            self.overlay.end(cid, "collection_gone")
+        self.scheduler.forget(cid)
+
+    def _compact(self, cid: str) -> None:
+        """The overlay passed its bound: rebuild (adopted with the writes since, overlay.py)."""
+        scheduler = self.scheduler
+        if isinstance(scheduler, RebuildScheduler) and scheduler.wants(cid):
+            scheduler.request(cid, *scheduler.where(cid), even_if_building=False)
 
     def _written_collection(self, route: Route) -> str | None:
         if route.collection is None:

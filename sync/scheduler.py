@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import orjson
 
 from index.errors import SnapshotError
 from index.holder import ReplicaSet
+from index.replica import ReplicaIndex
 from index.snapshot import Manifest, generations, prune, verify
 
 from .build import build_and_publish, open_snapshot
@@ -88,6 +89,9 @@ class RebuildScheduler:
         self._built_at: dict[str, float] = {}  # collection id -> cut time of its newest snapshot
         self._overrides: dict[str, dict[str, int]] = {}  # HNSW parameters set by an admin
         self.building: str | None = None
+        # Export mode's overlay (proxy/overlay.py): makes a build ready to serve, keeping the
+        # writes the proxy applied while its export ran.
+        self.adopt: Callable[[ReplicaIndex], Awaitable[ReplicaIndex]] | None = None
         self.last_error: str | None = None
         self.ready = False  # the store's snapshots are loaded (readiness waits for this)
 
@@ -148,6 +152,10 @@ class RebuildScheduler:
 
     def wants(self, collection_id: str) -> bool:
         return collection_id in self._where
+
+    def where(self, collection_id: str) -> tuple[str, str]:
+        """The tenant and database of a collection this scheduler replicates."""
+        return self._where[collection_id]
 
     def known(self) -> list[str]:
         """The collections this scheduler replicates."""
@@ -321,7 +329,7 @@ class RebuildScheduler:
             return
         self._built_at[collection_id] = replica.manifest.created_at
         if s.serve:
-            self._replicas.swap(replica)
+            self._replicas.swap(replica if self.adopt is None else await self.adopt(replica))
         seconds = time.monotonic() - started
         self._on_build("ok", seconds, replica.n)
         log.info(

@@ -63,7 +63,8 @@ def test_cache_hit_is_byte_identical_and_writes_invalidate(proxy: ProxyProcess, 
         add = {"ids": ["new"], "embeddings": [[0.5] * 16]}
         assert client.post(f"{proxy.url}{D}/collections/{cid}/add", json=add).status_code == 201
         after = client.post(url, json=body)
-        assert after.headers["X-Proxy-Source"] == "primary"  # never the cached pre-write answer
+        # Never the cached pre-write answer: the replica, with the write applied to it.
+        assert after.headers["X-Proxy-Source"] == "replica"
         assert "new" in after.json()["ids"][0]
 
 

@@ -270,8 +270,9 @@ def test_invalid_requests_get_the_primarys_errors(
 
 
 def test_read_your_writes(chroma: ChromaServer, replica_proxy: ProxyProcess, name: str) -> None:
-    """Through the proxy, a read right after a write sees it; once the replica has caught up
-    it answers again, with the same result."""
+    """Through the proxy, a read right after a write sees it, answered by the replica: the
+    write was applied to it (proxy/overlay.py). A write it cannot replay (a delete with a
+    limit) sends reads to the primary until a rebuild covers it."""
     p = replica_proxy.url
     with httpx.Client(timeout=60) as client:
         cid = client.post(f"{p}{D}/collections", json={"name": name}).json()["id"]
@@ -296,15 +297,21 @@ def test_read_your_writes(chroma: ChromaServer, replica_proxy: ProxyProcess, nam
             ("upsert", {"ids": ["a2"], "embeddings": [[60.0, 0.0, 1.0]], "metadatas": [{"i": 7}]}),
             ("delete", {"ids": ["new"]}),
         ]
+        reads = (("count", None), ("query", query), ("get", {"where": {"i": {"$lt": 0}}}),
+                 ("get", {"include": ["metadatas", "embeddings", "documents"]}))  # fmt: skip
         for op, body in writes:
             assert client.post(f"{p}{c}/{op}", json=body).status_code in (200, 201)
-            for read, read_body in (("count", None), ("query", query),
-                                    ("get", {"where": {"i": {"$lt": 0}}})):  # fmt: skip
+            for read, read_body in reads:
                 got, _ = both(read, read_body)
-                assert got.headers["X-Proxy-Source"] == "primary", (op, read)
-            wait_until(lambda: _served_locally(client, p, cid), 60, f"replica after {op}")
-            both("query", query)
-            both("get", {"include": ["metadatas", "embeddings"]})
+                assert got.headers["X-Proxy-Source"] in LOCAL, (op, read)
+        limited = {"where": {"i": {"$gte": 10}}, "limit": 1}
+        assert client.post(f"{p}{c}/delete", json=limited).status_code == 200
+        for read, read_body in reads:
+            got, _ = both(read, read_body)
+            assert got.headers["X-Proxy-Source"] == "primary", read
+        wait_until(lambda: _served_locally(client, p, cid), 60, "replica after the delete")
+        for read, read_body in reads:
+            both(read, read_body)
         # Deleting the collection: its replica stops answering at once.
         assert client.delete(f"{p}{D}/collections/{name}").status_code == 200
         gone = client.post(f"{p}{c}/get", json={})

@@ -452,11 +452,15 @@ def gauges(samples: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in samples.items() if any(n in k for n in names)}
 
 
-def admin_sync(url: str, token: str) -> Any:
+def admin_status(url: str, token: str) -> Any:
     req = urllib.request.Request(url + "/admin/status")
     req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.load(resp).get("sync")
+        return json.load(resp)
+
+
+def admin_sync(url: str, token: str) -> Any:
+    return admin_status(url, token).get("sync")
 
 
 def exported_rows(log: str) -> int:
@@ -671,30 +675,37 @@ async def storage_run(bench: Bench, proxy: Proxy, token: str, rates: list[int]) 
     return found
 
 
-async def compare_export(bench: Bench, primary: ChromaServer) -> dict[str, Any]:
-    """The 10 writes/s through-the-proxy phase with replicas exported over HTTP."""
-    export = ("--primary", primary.url, "--replica-source", "export")
+async def compare_export(bench: Bench, primary: ChromaServer, rates: list[int]) -> list[Any]:
+    """The through-the-proxy phases with replicas exported over HTTP, the proxy's own writes
+    applied to them (proxy/overlay.py), one proxy for all rates."""
+    token = secrets.token_hex(16)
+    export = ("--primary", primary.url, "--replica-source", "export", "--admin-token", token)
+    found = []
     with Proxy(*export) as proxy, kept_log(proxy, bench.args.out, "export"):
         if can_pin():
             pin(proxy.process.pid, SERVER_CPU)
         bench.proxy, bench.writer.proxy = proxy, proxy.url
         build_s = wait_local(proxy.url, bench.cid, 900)
-        print(f"export mode: replica built in {build_s} s; 10 writes/s proxy ...", flush=True)
-        before = scrape(proxy.url)
-        main = await bench.phase(proxy.url, proxy.url, 10, bench.args.seconds, "ryw")
-        after = scrape(proxy.url)
-        log = proxy.logs()
-        return {
-            "rate": 10,
-            "path": "proxy (export mode)",
-            "build_s": build_s,
-            **main,
-            "primary_reads": None,
-            "counters": counters(before, after),
-            "gauges": gauges(after),
-            "rss_mb": rss_mb(proxy.process.pid),
-            "exported_rows": exported_rows(log),
-        }
+        for rate in rates:
+            print(f"export mode: replica built in {build_s} s; {rate} writes/s proxy ...",
+                  flush=True)  # fmt: skip
+            exported = exported_rows(proxy.logs())
+            before = scrape(proxy.url)
+            main = await bench.phase(proxy.url, proxy.url, rate, bench.args.seconds, "ryw")
+            after = scrape(proxy.url)
+            found.append({
+                "rate": rate,
+                "path": "proxy (export mode)",
+                "build_s": build_s,
+                **main,
+                "primary_reads": None,
+                "counters": counters(before, after),
+                "gauges": gauges(after),
+                "rss_mb": rss_mb(proxy.process.pid),
+                "exported_rows": exported_rows(proxy.logs()) - exported,
+                "overlay": admin_status(proxy.url, token).get("write_overlay"),
+            })  # fmt: skip
+    return found
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -725,19 +736,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "--admin-token",
             token,
         )
-        with (
-            Proxy("--primary", primary.url, *storage_args) as proxy,
-            kept_log(proxy, args.out, "storage"),
-        ):
-            if can_pin():
-                pin(proxy.process.pid, SERVER_CPU)
-            results["pinning"] = pinning(primary, proxy)
-            bench.proxy, writer.proxy = proxy, proxy.url
-            results |= await storage_run(bench, proxy, token, rates)
-        print("primary write latency, proxy stopped ...", flush=True)
-        results["write_latency_no_proxy"] = await write_latency(bench, rates)
-        if args.compare_export:
-            results["export"] = await compare_export(bench, primary)
+        if not args.export_only:
+            with (
+                Proxy("--primary", primary.url, *storage_args) as proxy,
+                kept_log(proxy, args.out, "storage"),
+            ):
+                if can_pin():
+                    pin(proxy.process.pid, SERVER_CPU)
+                results["pinning"] = pinning(primary, proxy)
+                bench.proxy, writer.proxy = proxy, proxy.url
+                results |= await storage_run(bench, proxy, token, rates)
+            print("primary write latency, proxy stopped ...", flush=True)
+            results["write_latency_no_proxy"] = await write_latency(bench, rates)
+        if args.compare_export or args.export_only:
+            export_rates = [int(r) for r in args.export_rates.split(",")]
+            results["export"] = await compare_export(bench, primary, export_rates)
         cleanup_writer_rows(primary.url, cid)
     return results
 
@@ -843,16 +856,23 @@ def _phase_row(r: dict[str, Any]) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
+    pinning = res.get("pinning", {"pinned": can_pin(), "why": "no taskset"})
     pin_text = (
         f"load generators on CPU {CLIENT_CPU}, primary and proxy on CPU {SERVER_CPU} (taskset)"
-        if res["pinning"].get("pinned")
-        else f"not pinned ({res['pinning'].get('why')})"
+        if pinning.get("pinned")
+        else f"not pinned ({pinning.get('why')})"
     )
+    storage = (
+        f"Proxy in storage mode (poll 0.1 s), replica taken in {res['take_s']} s"
+        if "take_s" in res
+        else "Export mode only (--export-only)"
+    )
+    exported = res.get("export", [])
     lines = [
         f"# Freshness under steady writes: {res['rows']} x {res['dim']} clustered, cosine, "
         f"default HNSW; {res['seconds']} s per phase",
         "",
-        f"Proxy in storage mode (poll 0.1 s), replica taken in {res['take_s']} s. {pin_text}. "
+        f"{storage}. {pin_text}. "
         f"Readers: {res['concurrency']} concurrent top-10 queries (half `where topic=science`), "
         "session consistency, from one Python aiohttp process: **reader QPS is client-bound** "
         "(a floor, not the proxy's capacity). Writes: 1 row each, add/update/upsert/delete.",
@@ -865,7 +885,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Errors and failed checks: no answer within {REQUEST_TIMEOUT_S:g} s, or not 2xx. "
         "Primary QPS: the same readers at the primary directly, same writes, shorter phase. "
         "Server CPU: % of one core over the phase; pinned, both servers share one core, so a "
-        "sum near 100 means the servers, not the client, set the reader QPS.",
+        "sum near 100 means the servers, not the client, set the reader QPS. Export-mode "
+        "rows: the proxy's own writes applied to its exported replica (proxy/overlay.py).",
         "",
         "| writes/s | writes via | achieved w/s | local share (replica/cache/primary) "
         "| proxy QPS | proxy p50 / p99 ms | proxy read errors | primary QPS "
@@ -873,17 +894,20 @@ def markdown(res: dict[str, Any]) -> str:
         "| write p99 ms | server CPU % (proxy + primary) | proxy counters | proxy RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [_phase_row(r) for r in res["phases"]]
-    if "export" in res:
-        lines.append(_phase_row(res["export"]))
-    lines += _failures(res["phases"] + ([res["export"]] if "export" in res else []))
-    short = sorted({str(r["rate"]) for r in res["phases"] if _fell_behind(r)})
+    phases = res.get("phases", [])
+    lines += [_phase_row(r) for r in phases + exported]
+    lines += _failures(phases + exported)
+    short = sorted({str(r["rate"]) for r in phases + exported if _fell_behind(r)})
     if short:
         lines += [
             "",
             f"At {', '.join(short)} writes/s the primary did not take the offered "
             f"rate (achieved w/s), with up to {WRITES_IN_FLIGHT} writes in flight.",
         ]
+    for r in exported:
+        lines += ["", f"Export mode at {r['rate']} writes/s: write overlay {r.get('overlay')}."]
+    if "write_latency_tailing" not in res:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "Primary write latency (writes only, no readers), p50 / p99 / max ms:",
@@ -913,8 +937,12 @@ def _args() -> argparse.Namespace:
     parser.add_argument(
         "--compare-export",
         action="store_true",
-        help="also the 10 writes/s through-the-proxy phase with --replica-source export",
+        help="also the through-the-proxy phases with --replica-source export",
     )
+    parser.add_argument(
+        "--export-rates", default="1,10,100", help="writes/s of the export-mode phases"
+    )
+    parser.add_argument("--export-only", action="store_true", help="only the export-mode phases")
     return parser.parse_args()
 
 

@@ -104,7 +104,10 @@ def replica_may_answer(
     collection_id: str,
     age_s: float,
     max_staleness_s: float,
+    withheld: int = 0,
 ) -> bool:
+    """``withheld``: writes in flight whose answers wait until the replica includes them
+    (proxy/overlay.py): no client has seen them, so they need not hold reads back."""
     if level is Level.STRONG:
         return False  # needs a change signal from the primary; not available over HTTP
     if level is Level.EVENTUAL:
@@ -113,7 +116,7 @@ def replica_may_answer(
         return False
     if level is Level.BOUNDED:
         return True
-    if tracker.busy(collection_id):
+    if tracker.in_flight(collection_id) > withheld:
         return False
     if covers_seq >= tracker.seq(collection_id):
         return True

@@ -232,6 +232,12 @@ class WriteOverlay:
         """Blocking: wait for an apply under way (hnswlib must not be freed mid-insert)."""
         self._executor.shutdown(wait=True)
 
+    def withheld(self, collection_id: str) -> int:
+        """Writes to the collection in flight whose answers wait until the replica includes
+        them (or the follow ends): reads need not wait for those."""
+        follow = self._follows.get(collection_id)
+        return 0 if follow is None else len(follow.pending) + follow.uncounted
+
     def following(self, collection_id: str) -> Follow | None:
         return self._follows.get(collection_id)
 

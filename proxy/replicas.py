@@ -142,6 +142,7 @@ class ReplicaRouter:
             collection_id=replica.collection_id,
             age_s=age_s,
             max_staleness_s=self.config.max_staleness_s,
+            withheld=0 if self.overlay is None else self.overlay.withheld(replica.collection_id),
         )
 
     async def caught_up(self, view: LiveView, level: Level) -> ReplicaIndex | None:

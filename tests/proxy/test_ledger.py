@@ -98,3 +98,29 @@ def test_a_worker_that_keeps_dying_young_is_restarted_ever_more_slowly() -> None
     assert delays[1:5] == [1.0, 2.0, 4.0, 8.0]
     assert delays[-1] == RESTART_MAX_S
     assert restart_delay(delays[-1], lived_s=YOUNG_S + 1) == 0.0  # it ran a while: at once
+
+
+def test_writes_whose_answers_are_withheld_do_not_hold_reads_back(
+    pair: tuple[Ledger, Ledger],
+) -> None:
+    """Export mode's overlay withholds a write's answer until its replica includes it: while
+    such writes are in flight (in any worker's count) the replica may answer; one more in
+    flight, whose answer may already be out, sends reads to the primary."""
+    one, other = pair
+
+    def fresh(withheld: int) -> bool:
+        return replica_may_answer(
+            Level.SESSION,
+            covers_seq=other.seq(A),
+            cut_at=0.0,
+            tracker=other,
+            collection_id=A,
+            age_s=1.0,
+            max_staleness_s=300.0,
+            withheld=withheld,
+        )
+
+    one.begin(A)
+    assert fresh(1) and not fresh(0)
+    other.begin(A)
+    assert fresh(2) and not fresh(1)

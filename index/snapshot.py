@@ -33,6 +33,10 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = frozenset({1, 2})
 MANIFEST = "manifest.json"
 FILES = ("vectors.npy", "index.hnsw", "records.json")
+# A take of the primary's own storage (sync/published.py): its graph as hnswlib saves it, the
+# records, each row's label in the graph, (cosine) each label's stored vector length, and the
+# labels the log replay wrote (their embeddings are left to the primary).
+TAKE_FILES = ("index.hnsw", "records.json", "labels.npy", "lengths.npy", "replayed.npy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +55,23 @@ class Manifest:
     # The write ledger (proxy/ledger.py) covers_write_seq counts in, when the builder was one
     # of several worker processes; its other workers may then trust covers_write_seq too.
     write_ledger: str | None = None
+    # A take (TAKE_FILES): the primary's log seq it includes, and the graph's next label.
+    log_position: int | None = None
+    next_label: int | None = None
 
     @property
     def collection_id(self) -> str:
         return str(self.collection["id"])
 
+    @property
+    def file_names(self) -> tuple[str, ...]:
+        return FILES if self.log_position is None else TAKE_FILES
+
     def to_json(self) -> bytes:
         fields = {name: getattr(self, name) for name in self.__slots__}
-        if fields["write_ledger"] is None:
-            del fields["write_ledger"]  # so that earlier versions still read the manifest
+        for optional in ("write_ledger", "log_position", "next_label"):
+            if fields[optional] is None:
+                del fields[optional]  # so that earlier versions still read the manifest
         return orjson.dumps(fields, option=orjson.OPT_INDENT_2)
 
     @classmethod
@@ -101,8 +113,9 @@ def publish(
     manifest_fields: dict[str, Any],
     writers: Mapping[str, Callable[[Path], None]],
 ) -> tuple[Path, Manifest]:
-    """Write a snapshot atomically. ``writers`` maps each of FILES to a function that writes it
-    to the given path. Returns the published directory and its manifest."""
+    """Write a snapshot atomically. ``writers`` maps each of its files (FILES, or TAKE_FILES
+    for a take) to a function that writes it to the given path. Returns the published
+    directory and its manifest."""
     generation = manifest_fields["generation"]
     collection_dir = store / str(manifest_fields["collection"]["id"])
     collection_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +125,7 @@ def publish(
     tmp.mkdir()
     try:
         files = {}
-        for name in FILES:
+        for name in writers:
             writers[name](tmp / name)
             _fsync(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
@@ -134,7 +147,7 @@ def verify(directory: Path) -> Manifest:
         manifest = Manifest.from_json((directory / MANIFEST).read_bytes())
     except FileNotFoundError:
         raise SnapshotFormatError(f"{directory}: no manifest") from None
-    if set(manifest.files) != set(FILES):
+    if set(manifest.files) != set(manifest.file_names):
         raise SnapshotFormatError(f"{directory}: manifest lists {sorted(manifest.files)}")
     for name, meta in manifest.files.items():
         path = directory / name

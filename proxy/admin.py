@@ -26,10 +26,11 @@ from aiohttp.typedefs import Handler
 from index.live import LiveView
 from index.reaper import REAPER
 from index.snapshot import MANIFEST, Manifest
+from sync.published import encode_ops
 from sync.scheduler import RebuildScheduler, Wanted, newest_snapshots
 from sync.tailer import StorageTailer
 
-from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unauthorized
 from .ledger import LISTENING, READY, STARTING
 from .state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM, WORKER
 
@@ -230,8 +231,48 @@ def _snapshot_entry(snap: Path, serving: dict[str, int]) -> dict[str, Any]:
     return entry
 
 
+async def log_position(request: web.Request) -> web.Response:
+    """A builder in storage mode: the primary's newest log seq, for replicas' strong and
+    session reads (sync/logstream.py). Its tailer looks at the log now too."""
+    _authorize(request)
+    tailer = _log_source(request)
+    position = await tailer.position_now()
+    tailer.notify_write("")
+    return _json({"position": position})
+
+
+async def log_since(request: web.Request) -> web.Response:
+    """A builder in storage mode: the log rows applied to a collection's published take
+    after an offset, long-polled (sync/tailer.py ops_since; sync/logstream.py reads it)."""
+    _authorize(request)
+    tailer = _log_source(request)
+    query = request.rel_url.query
+    try:
+        generation, offset = int(query["generation"]), int(query["offset"])
+        position = int(query.get("position", "0"))
+        wait_s = min(max(float(query.get("wait_s", "0")), 0.0), 30.0)
+    except (KeyError, ValueError):
+        raise BadRequest("generation and offset (integers) are required") from None
+    cid = request.match_info["cid"]
+    found = await tailer.ops_since(cid, generation, offset, position, wait_s)
+    if found is None:
+        raise Gone(f"collection {cid}: take {generation} is not followed any more")
+    at, ops, confirmed_at = found
+    body = {"position": at, "ops": encode_ops(ops), "confirmed_at": confirmed_at}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _log_source(request: web.Request) -> StorageTailer:
+    scheduler = request.app[ROUTER].scheduler
+    if not isinstance(scheduler, StorageTailer) or request.app[CONFIG].role != "builder":
+        raise NotFound("only a builder in storage mode serves the log stream")
+    return scheduler
+
+
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/admin/status", status),
+    ("GET", "/admin/log/position", log_position),
+    ("GET", "/admin/log/{cid}", log_since),
     ("POST", "/admin/rebuild", rebuild),
     ("GET", "/admin/snapshots", snapshots),
     # Anything else under /admin/ is ours too: never forward it to the primary.

@@ -15,7 +15,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
+from index.holder import ReplicaSet
 from sync.follower import StoreFollower
+from sync.logstream import BuilderLog
 from sync.scheduler import RebuildScheduler, SyncSettings
 from sync.tailer import StorageTailer, StorageUnusable, TailerSettings, storage_problem
 
@@ -99,20 +101,30 @@ def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSourc
     worker = app.get(WORKER)
     if config.storage_mode and _storage_usable(config):
         assert config.primary_persist_path is not None
+        builder = config.role == "builder"
         tailer_settings = TailerSettings(
             persist=Path(config.primary_persist_path),
             scratch=Path(config.data_dir) / "storage-copies" / str(os.getpid()),
             replicate=config.replicate_list,
             poll_interval_s=config.storage_poll_interval_s,
             overlay_max_rows=config.storage_overlay_max_rows,
+            # A builder publishes its takes and serves the log after them to replicas.
+            publish_to=config.snapshot_path if builder else None,
+            keep_snapshots=config.keep_snapshots,
         )
-        tailer = StorageTailer(router.replicas, tailer_settings, app[METRICS].on_retake)
+        # A builder serves no reads itself: its replicas live outside the request path.
+        replicas = ReplicaSet() if builder else router.replicas
+        tailer = StorageTailer(replicas, tailer_settings, app[METRICS].on_retake)
         app[METRICS].storage.source = tailer.gauges
         return tailer
     settings = sync_settings(config, None if worker is None else worker.ledger.epoch)
     if config.role == "replica":
         # Of several workers, only the first tells the builder about writes (relay_writes).
-        return StoreFollower(router.replicas, settings, worker is None or worker.index == 0)
+        stream = None
+        if config.builder_url is not None and config.admin_token is not None:
+            stream = BuilderLog(router.replicas, config.builder_url, config.admin_token)
+        first = worker is None or worker.index == 0
+        return StoreFollower(router.replicas, settings, first, stream)
     metrics = app[METRICS]
     return RebuildScheduler(
         app[UPSTREAM], router.replicas, settings, router.tracker.seq, metrics.on_build

@@ -66,7 +66,8 @@ class Config:
         "Where replicas come from. storage: the primary's files (needs primary_persist_path; "
         "refuses to start without a readable Chroma 1.5 database there). export: paginated "
         "HTTP export and an independent build. auto: storage when primary_persist_path is "
-        "set (or the primary is embedded) and the role is not builder, else export.",
+        "set (or the primary is embedded), else export. A builder in storage mode publishes "
+        "its takes and serves the log after them to replicas (builder_url).",
         "auto",
     )
     storage_poll_interval_s: float = _key(
@@ -170,10 +171,19 @@ class Config:
     keep_snapshots: int = _key("Snapshots kept per collection (older ones are deleted).", 2)
     role: Role = _key(
         "standalone: export from the primary, build, publish and serve replicas. builder: "
-        "export, build and publish snapshots to snapshot_dir for replica processes; serve "
-        "none (reads are forwarded). replica: serve what a builder publishes in snapshot_dir "
-        "(a shared volume), loading newer generations as they appear; never export.",
+        "export, build and publish snapshots to snapshot_dir for replica processes (in "
+        "storage mode: take, publish and serve the log after each take); serve none (reads "
+        "are forwarded). replica: serve what a builder publishes in snapshot_dir (a shared "
+        "volume), loading newer generations as they appear; never export.",
         "standalone",
+    )
+    builder_url: str | None = _key(
+        "Role replica: the URL of a builder in storage mode (http://host:port). Its takes of "
+        "the primary's storage are then followed through its log stream (/admin/log, with "
+        "admin_token, which must be the builder's): the builder's graph and every write "
+        "within about a poll, session and strong reads answered locally.",
+        None,
+        metavar="URL",
     )
     workers: int = _key(
         "Processes serving the listen address (SO_REUSEPORT; the kernel spreads connections "
@@ -284,6 +294,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.primary_url is not None:
             _check_url("primary_url", self.primary_url)
+        if self.builder_url is not None:
+            _check_url("builder_url", self.builder_url)
         parse_listen(self.listen)
         for name in ("connect_timeout_s", "heartbeat_interval_s", "embedded_start_timeout_s"):
             _check_positive(name, getattr(self, name))
@@ -349,8 +361,8 @@ class Config:
             raise ConfigError("workers", self.workers, "a builder serves no reads: use 1")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("admin_token", "...", "must be at least 16 characters")
-        if self.replica_source == "storage" and self.role == "builder":
-            raise ConfigError("replica_source", "storage", "a builder exports (role builder)")
+        if self.builder_url is not None and (self.role != "replica" or not self.admin_token):
+            raise ConfigError("builder_url", self.builder_url, "needs role replica and admin_token")
         if (
             self.replica_source == "storage"
             and self.primary_persist_path is None
@@ -368,7 +380,7 @@ class Config:
         """Replicas follow the primary's files (sync/tailer.py) rather than exports."""
         if self.replica_source == "export" or not self.replicas:
             return False
-        return self.primary_persist_path is not None and self.role != "builder"
+        return self.primary_persist_path is not None
 
     @property
     def replicate_list(self) -> tuple[str, ...]:
@@ -407,7 +419,7 @@ def _check_url(key: str, value: str) -> None:
     except ValueError as exc:
         raise ConfigError(key, value, str(exc)) from None
     if parts.path not in ("", "/") or parts.query:
-        raise ConfigError(key, value, "the primary URL takes no path or query")
+        raise ConfigError(key, value, "the URL takes no path or query")
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -109,6 +109,12 @@ class Conflict(ProxyError):
     status = 409
 
 
+class Gone(ProxyError):
+    """What was asked for existed and is no longer kept (a builder's older take)."""
+
+    status = 410
+
+
 def error_body(name: str, message: str) -> bytes:
     return orjson.dumps({"error": name, "message": message})
 

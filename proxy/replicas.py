@@ -15,12 +15,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 
 from index.holder import ReplicaSet
 from index.live import LiveView
 from index.replica import ReplicaIndex
 from sync.follower import StoreFollower
+from sync.logstream import BuilderLog
 from sync.scheduler import RebuildScheduler
 from sync.tailer import StorageTailer
 
@@ -145,6 +147,14 @@ class ReplicaRouter:
             withheld=0 if self.overlay is None else self.overlay.withheld(replica.collection_id),
         )
 
+    def _log(self) -> StorageTailer | BuilderLog | None:
+        """Where a storage-mode replica's log position comes from: this process' tailer, or
+        the builder it follows (role replica with builder_url)."""
+        scheduler = self.scheduler
+        if isinstance(scheduler, StorageTailer):
+            return scheduler
+        return scheduler.log if isinstance(scheduler, StoreFollower) else None
+
     async def caught_up(self, view: LiveView, level: Level) -> ReplicaIndex | None:
         """Storage mode: the collection's current view once it has applied every write the
         level requires, or None if that takes longer than storage_wait_s (forward).
@@ -153,11 +163,12 @@ class ReplicaRouter:
         session: every write this proxy forwarded to the collection (its log mark, or the log
         read now while the mark is being learned); writes by others are at most one poll
         behind. bounded, eventual: as is."""
-        scheduler = self.scheduler
-        assert isinstance(scheduler, StorageTailer)
+        scheduler = self._log()
         cid = view.collection_id
         if level is Level.EVENTUAL or level is Level.BOUNDED:
             return view
+        if scheduler is None:
+            return None
         current = self.replicas.get(cid)
         if not isinstance(current, LiveView) or not current.follows_log:  # dropped meanwhile
             return None
@@ -165,7 +176,13 @@ class ReplicaRouter:
         if target is None:
             return current
         if target == PENDING:
-            target = await scheduler.position_now()
+            try:
+                target = await scheduler.position_now()
+            except (OSError, RuntimeError, ValueError, aiohttp.ClientError) as exc:
+                # A builder that does not answer (or a database that cannot be read): the
+                # primary answers instead.
+                log.warning("the log's newest position is unknown (%s): forwarding", exc)
+                return None
         if current.position >= target:
             return current
         if not await scheduler.wait_applied(cid, target, self.config.storage_wait_s):
@@ -189,8 +206,9 @@ class ReplicaRouter:
 
     def _learn_mark(self, cid: str) -> None:
         """After a write's answer, in the background: the log position that covers it."""
-        scheduler = self.scheduler
-        assert isinstance(scheduler, StorageTailer)
+        scheduler = self._log()
+        if scheduler is None:
+            return
         self.log_marks.wrote(cid)
 
         async def learn() -> None:
@@ -255,7 +273,7 @@ class ReplicaRouter:
             return
         if token.route.op != "delete_collection" and not token.applied:
             self.scheduler.notify_write(token.collection_id)
-            if isinstance(self.scheduler, StorageTailer):
+            if self._log() is not None:
                 self._learn_mark(token.collection_id)
 
     def _forget(self, cid: str) -> None:

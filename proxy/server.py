@@ -149,7 +149,12 @@ def _replica_source(app: web.Application) -> str:
     if not config.replicas:
         return "off (every request is forwarded)"
     if isinstance(app[ROUTER].scheduler, StorageTailer):
-        return f"the primary's own files and log in {config.primary_persist_path}"
+        published = (
+            f", takes published to {config.snapshot_path}" if config.role == "builder" else ""
+        )
+        return f"the primary's own files and log in {config.primary_persist_path}{published}"
+    if config.builder_url is not None:
+        return f"a builder's snapshots in {config.snapshot_path}, takes followed through its log"
     return f"exports of the primary (role {config.role})"
 
 

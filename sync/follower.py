@@ -26,6 +26,8 @@ from index.errors import SnapshotError
 from index.holder import ReplicaSet
 
 from .build import open_snapshot
+from .logstream import BuilderLog
+from .published import is_take, open_take
 from .scheduler import SyncSettings, Wanted, ask_for, newest_snapshots
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,19 @@ log = logging.getLogger(__name__)
 
 class StoreFollower:
     def __init__(
-        self, replicas: ReplicaSet, settings: SyncSettings, asks_on_write: bool = True
+        self,
+        replicas: ReplicaSet,
+        settings: SyncSettings,
+        asks_on_write: bool = True,
+        log: BuilderLog | None = None,
     ) -> None:
         """``asks_on_write`` False: another process relays this one's writes to the builder
-        (the first of several workers, proxy/workers.py relay_writes)."""
+        (the first of several workers, proxy/workers.py relay_writes). ``log``: the log
+        stream of a builder in storage mode, whose takes are then served and followed."""
         self._replicas = replicas
         self._settings = settings
         self._asks_on_write = asks_on_write
+        self.log = log
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._refused: set[Path] = set()
         self._task: asyncio.Task[None] | None = None
@@ -62,6 +70,8 @@ class StoreFollower:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.log is not None:
+            await self.log.close()
 
     # --- the scheduler's interface: a replica cannot build ----------------------------------
 
@@ -92,6 +102,8 @@ class StoreFollower:
         pause for debounce_s, ask the builder for a new cut."""
         if not self._asks_on_write or self._replicas.get(collection_id) is None:
             return
+        if self.log is not None and self.log.generation(collection_id) is not None:
+            return  # followed through the builder's log: the write arrives by itself
         old = self._timers.pop(collection_id, None)
         if old is not None:
             old.cancel()
@@ -112,6 +124,8 @@ class StoreFollower:
 
     def forget(self, collection_id: str) -> None:
         # Deleted through this proxy: stop serving now; the builder removes the snapshots.
+        if self.log is not None:
+            self.log.forget(collection_id)
         self._replicas.drop(collection_id)
 
     def status(self) -> dict[str, Any]:
@@ -120,6 +134,7 @@ class StoreFollower:
             "last_error": self.last_error,
             "refused": sorted(str(p) for p in self._refused),
             "loads": self.loads,
+            "builder_log": None if self.log is None else self.log.status(),
         }
 
     # --- following the store ----------------------------------------------------------------
@@ -150,15 +165,22 @@ class StoreFollower:
         for replica in self._replicas:
             if replica.collection_id not in present:
                 log.info("collection %s left the store; no longer served", replica.collection_id)
-                self._replicas.drop(replica.collection_id)
+                self.forget(replica.collection_id)
 
     async def _consider(self, snapshot: Path) -> bool:
         """True when ``snapshot`` (or something newer) serves; False to try an older one."""
-        serving = self._replicas.get(snapshot.parent.name)
-        if serving is not None and serving.generation >= int(snapshot.name):
+        cid = snapshot.parent.name
+        followed = None if self.log is None else self.log.generation(cid)
+        serving = self._replicas.get(cid)
+        if followed is not None:  # a take: its views' generations are not the snapshot's
+            if followed >= int(snapshot.name):
+                return True
+        elif serving is not None and serving.generation >= int(snapshot.name):
             return True
         if snapshot in self._refused:
             return False
+        if await asyncio.to_thread(is_take, snapshot):
+            return await self._consider_take(snapshot)
         self.building = snapshot.parent.name
         try:
             replica = await asyncio.to_thread(
@@ -182,4 +204,32 @@ class StoreFollower:
             replica.generation,
             replica.n,
         )
+        return True
+
+    async def _consider_take(self, snapshot: Path) -> bool:
+        """A builder's take of the primary's storage: served and followed through its log
+        stream, which only a replica configured with builder_url has."""
+        if self.log is None:
+            if snapshot not in self._refused:
+                log.warning("%s is a take of the primary's storage: following it needs "
+                            "builder_url; reads of it are forwarded", snapshot)  # fmt: skip
+                self._refused.add(snapshot)
+            return True  # an older (export) generation would be staler than forwarding
+        self.building = snapshot.parent.name
+        try:
+            live = await asyncio.to_thread(open_take, snapshot)
+        except (SnapshotError, OSError, RuntimeError, ValueError) as exc:
+            if not await asyncio.to_thread(snapshot.exists):
+                return False
+            self._refused.add(snapshot)
+            self.last_error = f"refused {snapshot}: {exc}"
+            log.error("refusing take %s: %s", snapshot, exc)
+            return False
+        finally:
+            self.building = None
+        self.log.follow(live, int(snapshot.name))
+        self.loads += 1
+        log.info("collection %s: take %s serving at log position %d (%d rows), following the "
+                 "builder's log", live.collection_id, snapshot.name, live.position,
+                 len(live.base.ids))  # fmt: skip
         return True

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -40,7 +41,9 @@ from typing import Any, TypeVar
 
 from index.holder import ReplicaSet
 from index.live import LiveReplica, LiveView, Op
+from index.snapshot import prune
 
+from .published import publish_take
 from .storage import (
     CollectionRow,
     LogGap,
@@ -63,6 +66,9 @@ DATABASE = "chroma.sqlite3"
 # Log rows read per statement; more are read in the next round of the same poll.
 ROWS_PER_READ = 5000
 RetakeObserver = Callable[[str], None]  # the reason
+# A builder keeps every log row applied since its last published take, for replicas to fetch;
+# past this many it takes (and publishes) the collection again.
+JOURNAL_MAX_ROWS = 50_000
 T = TypeVar("T")
 
 
@@ -78,6 +84,10 @@ class Followed:
     take_again: bool = False  # the log was reset under a take in progress
     failed: str | None = None
     retakes: Counter[str] = field(default_factory=Counter)
+    # A builder (publish_to set): the generation of the published take ``live`` started
+    # from, and every log row applied since, in order, for replicas elsewhere (ops_since).
+    published: int | None = None
+    journal: list[Op] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,9 @@ class TailerSettings:
     # Rows changed since a take before the collection is taken again (compaction): every
     # view copies the overlay's records into a small column table, so it must stay small.
     overlay_max_rows: int = 5000
+    # A builder: publish every take to this snapshot store, keep this many generations.
+    publish_to: Path | None = None
+    keep_snapshots: int = 2
 
 
 def _untraced(fn: Callable[..., T], *args: Any) -> T:
@@ -261,6 +274,8 @@ class StorageTailer:
     def forget(self, collection_id: str) -> None:
         self._followed.pop(collection_id, None)
         self._replicas.drop(collection_id)
+        if self._settings.publish_to is not None:  # replicas elsewhere drop it too
+            shutil.rmtree(self._settings.publish_to / collection_id, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -462,7 +477,10 @@ class StorageTailer:
                 self._spawn(self._take(cid, "replay_failed"))
                 return
             self._replicas.swap(view)
-            if live.overlay_rows > self._settings.overlay_max_rows:
+            if followed.published is not None:
+                followed.journal.extend(ops)
+            too_long = len(followed.journal) > JOURNAL_MAX_ROWS
+            if live.overlay_rows > self._settings.overlay_max_rows or too_long:
                 self._spawn(self._take(cid, "compaction"))
         else:  # nothing for this collection: its current view holds up to ``end`` too
             live.position = live.view.position = end
@@ -486,7 +504,7 @@ class StorageTailer:
         try:
             async with self._takes:
                 self.building = cid
-                live = await self._take_caught_up(cid, followed)
+                taken = await self._take_caught_up(cid, followed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -501,6 +519,7 @@ class StorageTailer:
             return
         finally:
             self.building = None
+        live, followed.published, followed.journal = taken
         followed.live, followed.taking, followed.failed = live, False, None
         followed.retakes.pop("retry", None)  # the backoff starts again
         if cid in self._followed:
@@ -512,29 +531,67 @@ class StorageTailer:
             self._spawn(self._take(cid, "seq_reset"))
         await self._notify_applied()
 
-    async def _take_caught_up(self, cid: str, followed: Followed) -> LiveReplica:
+    async def _take_caught_up(
+        self, cid: str, followed: Followed
+    ) -> tuple[LiveReplica, int | None, list[Op]]:
+        """A take, caught up with the log; the generation it was published as (a builder),
+        and the log rows applied after it."""
         rows = await self._blocking(self._sql, list_collections)
         row = next((c for c in rows if c.id == cid), None)
         if row is None:
             raise StorageError(f"collection {cid} is not in the primary's database")
         followed.row = row
-        live: LiveReplica = await self._blocking(self._take_apart, row)
+        live, generation = await self._blocking(self._take_apart, row)
+        journal: list[Op] = []
         # The take ends at its own position; the tailer may be further on by now.
         while live.position < self._position:
             target = self._position
             ops = await self._blocking(self._tail_of, row, live.position, target)
             await self._blocking(live.apply, ops, target)
-        return live
+            journal += ops if generation is not None else []
+        return live, generation, journal
 
-    def _take_apart(self, row: CollectionRow) -> LiveReplica:
-        """Blocking: a take, on a connection of its own. The tailer's connection serves one
+    def _take_apart(self, row: CollectionRow) -> tuple[LiveReplica, int | None]:
+        """Blocking: a take, on a connection of its own (the tailer's connection serves one
         statement at a time, and a take's few seconds on it would hold up every poll and
-        every strong read's look at the log."""
+        every strong read's look at the log); published as a snapshot by a builder."""
         conn = connect(self._settings.persist / DATABASE)
         try:
-            return _untraced(take, conn, self._settings.persist, row, self._settings.scratch)
+            live = _untraced(take, conn, self._settings.persist, row, self._settings.scratch)
         finally:
             conn.close()
+        store = self._settings.publish_to
+        if store is None:
+            return live, None
+        directory, _ = publish_take(store, live)
+        prune(store, row.id, self._settings.keep_snapshots)
+        return live, int(directory.name)
+
+    # --- the log stream (a builder, for replicas elsewhere: sync/follower.py) --------------
+
+    async def ops_since(
+        self, cid: str, generation: int, offset: int, position: int, wait_s: float
+    ) -> tuple[int, list[Op], float] | None:
+        """The log rows applied to a collection's published take ``generation`` from the
+        ``offset``-th on, once there are some or the collection's position passed
+        ``position`` (else after ``wait_s``): (position, rows, when the position was last
+        confirmed current). None if that take is not the one followed (any more)."""
+        deadline = time.monotonic() + wait_s
+
+        def moved() -> bool:
+            f = self._followed.get(cid)
+            if f is None or f.published != generation or f.live is None:
+                return True
+            return len(f.journal) > offset or f.live.position > position
+
+        async with self._applied:
+            while not moved() and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._applied.wait(), left)
+        f = self._followed.get(cid)
+        if f is None or f.published != generation or f.live is None or offset > len(f.journal):
+            return None
+        return f.live.position, f.journal[offset:], f.live.confirmed_at
 
     def _tail_of(self, row: CollectionRow, after: int, upto: int) -> list[Op]:
         """Blocking: the collection's log rows in (after, upto], or LogGap if the primary

@@ -22,6 +22,7 @@ from tests.helpers import ChromaServer, ProxyProcess, wait_until
 from tests.integration.test_storage_mode import (
     LOCAL,
     D,
+    _a_graph_missed,
     _local,
     _reads,
     _same,
@@ -70,9 +71,10 @@ def _collection(client: httpx.Client, proxy: ProxyProcess, rows: int = 30, dim: 
 def _check_reads(client: httpx.Client, proxy: ProxyProcess, cid: str, seed: int,
                  local: bool = True) -> int:  # fmt: skip
     """Every read of _reads through the proxy equals the primary's. Returns how many
-    queries differed only because the primary's graph missed a true neighbour that the
-    replica's (another graph, built from an export) found: export mode cannot reproduce an
-    approximate index's misses (issue 11; storage mode serves the primary's own graph)."""
+    queries differed only because one of the two graphs missed a true neighbour: a replica
+    built from an export is another graph and cannot reproduce an approximate index's
+    misses (issue 11; storage mode serves the primary's own graph). In the runs so far it
+    was always the primary's graph that missed."""
     # A query of an empty collection is an edge case the replica leaves to the primary
     # (proxy/local.py _check_vectors).
     empty = client.get(f"{proxy.primary_url}{D}/collections/{cid}/count").json() == 0
@@ -84,28 +86,11 @@ def _check_reads(client: httpx.Client, proxy: ProxyProcess, cid: str, seed: int,
         if local and not (empty and path.endswith("/query")):
             assert via.headers["X-Proxy-Source"] in LOCAL, (path, body, via.text)
         if path.endswith("/query") and via.json()["ids"] != want.json()["ids"]:
-            _primary_missed(client, proxy, cid, body, via.json(), want.json())
+            _a_graph_missed(client, proxy, cid, body, via.json(), want.json())
             misses += 1
             continue
         _same(via.json(), want.json())
     return misses
-
-
-def _primary_missed(client: httpx.Client, proxy: ProxyProcess, cid: str, body: Any,
-                    got: Any, want: Any) -> None:  # fmt: skip
-    """The replica's answer is the exact top-k (squared l2 over the primary's own rows), and
-    the primary's is not."""
-    rows = client.post(f"{proxy.primary_url}{D}/collections/{cid}/get",
-                       json={"include": ["embeddings", "metadatas"]}).json()  # fmt: skip
-    vectors = np.asarray(rows["embeddings"], np.float32)
-    where = body.get("where")
-    allowed = [i for i, m in enumerate(rows["metadatas"])
-               if where is None or (m or {}).get("k") == where["k"]]  # fmt: skip
-    for q, g, w in zip(body["query_embeddings"], got["ids"], want["ids"], strict=True):
-        d = ((vectors[allowed] - np.asarray(q, np.float32)) ** 2).sum(axis=1)
-        exact = [rows["ids"][allowed[i]] for i in np.argsort(d, kind="stable")[: len(g)]]
-        assert sorted(g) == sorted(exact), (g, exact, w)
-        assert g == w or sorted(w) != sorted(exact), (g, w)
 
 
 def _status(client: httpx.Client, proxy: ProxyProcess) -> dict[str, Any]:
@@ -220,7 +205,7 @@ def test_past_its_bound_the_overlay_is_rebuilt_and_keeps_later_writes(
             if step % 20 == 19:
                 misses += _check_reads(client, proxy, cid, step)
         misses += _check_reads(client, proxy, cid, 999)
-        print(f"queries where the primary's graph missed a neighbour: {misses} of 14")
+        print(f"queries where one graph missed a neighbour: {misses} of 14")
         assert cid not in first
         follow = _status(client, proxy)["write_overlay"]["collections"][cid]
         assert "rebuild adopted" in proxy.logs()

@@ -329,6 +329,29 @@ def _reads(cid: str, seed: int) -> list[tuple[str, str, Any]]:
     ]
 
 
+def _a_graph_missed(client: httpx.Client, proxy: ProxyProcess, cid: str, body: Any,
+                    got: Any, want: Any) -> None:  # fmt: skip
+    """For a query whose ids differ from the primary's, that the difference is an approximate
+    search missing true neighbours, not wrong data: the replica's answer finds most of the
+    exact top-k (squared l2 over the primary's own rows), and its distances are those of
+    the rows it names. (The rows themselves are checked by the callers' gets.)"""
+    rows = client.post(f"{proxy.primary_url}{D}/collections/{cid}/get",
+                       json={"include": ["embeddings", "metadatas"]}).json()  # fmt: skip
+    vectors = np.asarray(rows["embeddings"], np.float32)
+    row_of = {rid: i for i, rid in enumerate(rows["ids"])}
+    where = body.get("where") or {}  # {key: value} equality only
+    allowed = [i for i, m in enumerate(rows["metadatas"])
+               if all((m or {}).get(k) == v for k, v in where.items())]  # fmt: skip
+    for i, (q, g) in enumerate(zip(body["query_embeddings"], got["ids"], strict=True)):
+        query = np.asarray(q, np.float32)
+        d = ((vectors[allowed] - query) ** 2).sum(axis=1)
+        exact = {rows["ids"][allowed[j]] for j in np.argsort(d, kind="stable")[: len(g)]}
+        assert len(exact & set(g)) >= 0.7 * len(g), (g, sorted(exact), want["ids"][i])
+        if got.get("distances") is not None:
+            mine = ((vectors[[row_of[r] for r in g]] - query) ** 2).sum(axis=1)
+            np.testing.assert_allclose(got["distances"][i], mine, rtol=1e-4, atol=1e-5)
+
+
 def _same(got: Any, want: Any) -> None:
     if isinstance(want, dict) and want.get("distances") is not None:
         for g, w in zip(got["distances"], want["distances"], strict=True):

@@ -54,10 +54,11 @@ def proxy(
     assert proc.stop() == 0, proc.logs()
 
 
-def _collection(client: httpx.Client, proxy: ProxyProcess, rows: int = 30, dim: int = 8) -> str:
+def _collection(client: httpx.Client, proxy: ProxyProcess, rows: int = 30, dim: int = 8,
+                name: str | None = None) -> str:  # fmt: skip
     """An l2 collection (its embeddings are answered locally too) with ``rows`` rows of
     structured data, served by a replica."""
-    name = "ov-" + uuid.uuid4().hex[:8]
+    name = name or "ov-" + uuid.uuid4().hex[:8]
     body = {"name": name, "configuration": {"hnsw": {"space": "l2"}}}
     cid: str = client.post(f"{proxy.url}{D}/collections", json=body).json()["id"]
     vectors, _ = structured(rows, 1)
@@ -101,7 +102,7 @@ def _status(client: httpx.Client, proxy: ProxyProcess) -> dict[str, Any]:
 
 
 ADMIN = "overlay-test-admin-token"
-WRITE = st.sampled_from(["add", "upsert", "update", "delete", "delete_where"])
+WRITE = st.sampled_from(["add", "upsert", "update", "delete", "delete_where", "recreate"])
 
 
 @st.composite
@@ -119,12 +120,20 @@ def write_steps(draw: st.DrawFn) -> list[tuple[str, list[str], int]]:
 def test_random_writes_through_the_proxy_are_read_back_locally(
     proxy: ProxyProcess, steps: list[tuple[str, list[str], int]]
 ) -> None:
-    """Add, upsert, update (with and without embeddings), delete by ids and by filter:
-    after each, session reads (get, count, query, filtered and not) are local and equal the
-    primary's: ids and order exactly, distances within 1e-5."""
+    """Add, upsert, update (with and without embeddings), delete by ids and by filter, the
+    collection deleted and made again: after each, session reads (get, count, query,
+    filtered and not) are local and equal the primary's: ids and order exactly, distances
+    within 1e-5."""
+    name = "ov-" + uuid.uuid4().hex[:8]
     with httpx.Client(timeout=60) as client:
-        cid = _collection(client, proxy)
+        cid = _collection(client, proxy, name=name)
         for op, ids, seed in steps:
+            if op == "recreate":  # its replica goes at once; the new one is built on a read
+                assert client.delete(f"{proxy.url}{D}/collections/{name}").status_code == 200
+                gone = client.get(f"{proxy.url}{D}/collections/{cid}/count")
+                assert gone.status_code == 404 and gone.headers["X-Proxy-Source"] == "primary"
+                cid = _collection(client, proxy, name=name)
+                continue
             path = "delete" if op.startswith("delete") else op
             body = _write_body(op, ids, seed)
             resp = client.post(f"{proxy.url}{D}/collections/{cid}/{path}", json=body)

@@ -1,6 +1,9 @@
 # replica-proxy: a read-replica caching proxy for Chroma.
 #   docker build -t replica-proxy .
-#   docker run -p 8000:8000 replica-proxy serve --primary http://chroma:8000 --listen 0.0.0.0:8000
+#   docker run -p 8000:8000 -v $PWD/tokens.toml:/etc/replica-proxy/tokens.toml:ro \
+#     replica-proxy serve --primary http://chroma:8000 --tokens-file /etc/replica-proxy/tokens.toml
+# (It listens on 0.0.0.0 in the container, so it refuses to start without tokens_file unless
+# given --allow-unauthenticated: Chroma 1.5.9 checks no credentials of its own.)
 FROM python:3.11-slim AS build
 WORKDIR /src
 # hnswlib builds from source (patched to release the GIL while loading: vendor/hnswlib).

@@ -30,6 +30,7 @@ from sync.published import encode_ops
 from sync.scheduler import RebuildScheduler, Wanted, newest_snapshots
 from sync.tailer import StorageTailer
 
+from .auth import AUTH, audit_event
 from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unauthorized
 from .ledger import LISTENING, READY, STARTING
 from .state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM, WORKER
@@ -39,6 +40,13 @@ _HNSW_LIMITS = {"M": (2, 128), "ef_construction": (1, 10_000), "ef_search": (1, 
 
 
 def _authorize(request: web.Request) -> None:
+    guard = request.app.get(AUTH)
+    if guard is not None:  # tokens_file: the admin role (admin_token is one such token)
+        found = guard.token(request)
+        if found.role != "admin":
+            audit_event(request, "forbidden", token=found.name, reason="admin API")
+            raise Forbidden(f"token {found.name}: the admin API needs the admin role")
+        return
     token = request.app[CONFIG].admin_token
     if token is None:
         raise Forbidden("the admin API is off: set admin_token to use it")
@@ -156,6 +164,7 @@ async def rebuild(request: web.Request) -> web.Response:
         await scheduler.ask_builder(Wanted(*where, rebuild=True, hnsw=hnsw or None))
         by = "the builder, through the snapshot store"
     body = {"queued": model["id"], "name": model["name"], "hnsw": hnsw or None, "by": by}
+    audit_event(request, "admin_rebuild", collection=model["id"], hnsw=hnsw or None)
     return _json(body, status=202)
 
 

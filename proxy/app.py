@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
@@ -22,8 +24,9 @@ from sync.scheduler import RebuildScheduler, SyncSettings
 from sync.tailer import StorageTailer, StorageUnusable, TailerSettings, storage_problem
 
 from . import admin, handlers
+from .auth import AUTH, Guard, Owner
 from .config import Config
-from .errors import to_response
+from .errors import UpstreamError, to_response
 from .guards import Guards
 from .metrics import Metrics
 from .replicas import ReplicaRouter, ReplicaSource
@@ -76,6 +79,9 @@ def build_app(config: Config, primary_url: str, worker: Worker | None = None) ->
     app[ROUTER] = ReplicaRouter(
         config, lambda router: _replica_source(app, router), guards.gate.check_deadline, ledger
     )
+    if config.tokens_file is not None:  # TokenFileError stops the start, with the reason
+        app[AUTH] = Guard(Path(config.tokens_file), config.admin_token, _owner_of(app))
+        app.cleanup_ctx.append(_auth_ctx)
     # Started in this order, stopped in reverse: the scheduler needs the upstream session.
     app.cleanup_ctx.extend(
         [_loop_lag_ctx, _upstream_ctx, _heartbeat_ctx, _sample_ctx, _replicas_ctx]
@@ -93,6 +99,41 @@ def build_app(config: Config, primary_url: str, worker: Worker | None = None) ->
     for method, path, handler in routes:
         app.router.add_route(method, path, observed(handler))
     return app
+
+
+def _owner_of(app: web.Application) -> Owner:
+    """How access control learns which tenant and database a collection id belongs to: its
+    replica, else the primary (the record paths' tenant and database are not checked by
+    Chroma 1.5.9, chroma-wire.md 14.11)."""
+
+    async def owner(cid: str, tenant: str, database: str) -> tuple[str, str] | None:
+        replica = app[ROUTER].replicas.get(cid)
+        if replica is not None:
+            model = replica.manifest.collection
+            return str(model["tenant"]), str(model["database"])
+        path = f"/api/v2/tenants/{tenant}/databases/{database}/collections/by-id/{cid}"
+        status, raw = await app[UPSTREAM].call_raw("GET", path)
+        if status == 404:
+            return None
+        if status != 200:
+            raise UpstreamError(f"looking the collection up answered {status}")
+        model = orjson.loads(raw)
+        return str(model["tenant"]), str(model["database"])
+
+    return owner
+
+
+async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reload the tokens file when it changes, and on SIGHUP."""
+    guard = app[AUTH]
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, guard.reload, "SIGHUP")
+    watcher = asyncio.create_task(guard.watch())
+    yield
+    loop.remove_signal_handler(signal.SIGHUP)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSource:

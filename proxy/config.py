@@ -10,6 +10,7 @@ config-docs``) and error messages are generated from it.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -212,9 +213,23 @@ class Config:
     )
     admin_token: str | None = _key(
         "Token for the admin API under /admin/ (header Authorization: Bearer TOKEN). Unset: "
-        "the admin API is off (403). Prefer the environment variable to the command line.",
+        "the admin API is off (403). With tokens_file it is one more token, with the admin "
+        "role. Prefer the environment variable to the command line.",
         None,
         metavar="TOKEN",
+    )
+    tokens_file: str | None = _key(
+        "TOML file of client tokens ([tokens.NAME] with sha256, role read|write|admin, "
+        "scopes [\"tenant/database\", ...], * = any). Set: every request needs one "
+        "(Authorization: Bearer TOKEN or X-Chroma-Token), checked before anything answers; "
+        "the file is reloaded when it changes and on SIGHUP.",
+        None,
+        metavar="FILE",
+    )
+    allow_unauthenticated: bool = _key(
+        "Listen on an address other than loopback without tokens_file (anyone who reaches "
+        "the proxy can then read, change and delete everything: Chroma 1.5.9 checks nothing).",
+        False,
     )
     export_page_rows: int = _key(
         "Rows per page when exporting a collection from the primary (at most 32766).", 250
@@ -361,6 +376,13 @@ class Config:
             raise ConfigError("workers", self.workers, "a builder serves no reads: use 1")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("admin_token", "...", "must be at least 16 characters")
+        if not (self.tokens_file or self.allow_unauthenticated or _loopback(self.host)):
+            raise ConfigError(
+                "listen",
+                self.listen,
+                "without tokens_file anyone who reaches it can read, change and delete all "
+                "data: set tokens_file, listen on loopback, or pass --allow-unauthenticated",
+            )
         if self.builder_url is not None and (self.role != "replica" or not self.admin_token):
             raise ConfigError("builder_url", self.builder_url, "needs role replica and admin_token")
         if (
@@ -403,6 +425,15 @@ class Config:
     @property
     def port(self) -> int:
         return parse_listen(self.listen)[1]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _check_positive(key: str, value: float) -> None:

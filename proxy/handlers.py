@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import reads
+from .auth import AUTH, TOKEN, audit_event
 from .errors import Overloaded
 from .forward import forward, forward_buffered, read_body
 from .ledger import READY
@@ -29,7 +30,16 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         request.app[METRICS].admission.labels("request_limit").inc()
         raise
     try:
-        if route.tenant is not None:
+        # Access control before anything can answer: a cache hit, a coalesced search and a
+        # forwarded request all come after it.
+        guard = request.app.get(AUTH)
+        token = None if guard is None else await guard.check(request, route)
+        if token is not None:
+            request[TOKEN] = token
+            if route.op == "identity":
+                return web.json_response(token.identity())
+            guards.buckets.take(f"token:{token.name}")  # per-token rate limit
+        elif route.tenant is not None:
             guards.buckets.take(route.tenant)
         if route.kind is RouteClass.WRITE:
             return await write(request)
@@ -40,16 +50,28 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         guards.request_limit.exit()
 
 
+# Writes the audit log records (with add, upsert... they would drown it).
+AUDITED = frozenset({"reset", "delete_collection", "delete_database", "create_tenant"})
+
+
 async def write(request: web.Request) -> web.StreamResponse:
     """Forward a write, keeping the books the consistency gate reads (proxy/replicas.py)."""
     router, route = request.app[ROUTER], request[ROUTE]
     if router.applies_writes(route):
         return await write_applied(request)
-    token = router.begin_write(route)
+    books = router.begin_write(route)
+    status: int | None = None
     try:
-        return await forward(request)
+        response = await forward(request)
+        status = response.status
+        return response
     finally:
-        router.end_write(token)
+        router.end_write(books)
+        if route.op in AUDITED:
+            token = request.get(TOKEN)
+            audit_event(request, route.op, token=None if token is None else token.name,
+                        tenant=route.tenant, database=route.database,
+                        collection=route.collection, status=status)  # fmt: skip
 
 
 async def write_applied(request: web.Request) -> web.StreamResponse:

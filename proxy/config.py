@@ -220,7 +220,7 @@ class Config:
     )
     tokens_file: str | None = _key(
         "TOML file of client tokens ([tokens.NAME] with sha256, role read|write|admin, "
-        "scopes [\"tenant/database\", ...], * = any). Set: every request needs one "
+        'scopes ["tenant/database", ...], * = any). Set: every request needs one '
         "(Authorization: Bearer TOKEN or X-Chroma-Token), checked before anything answers; "
         "the file is reloaded when it changes and on SIGHUP.",
         None,

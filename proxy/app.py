@@ -48,6 +48,8 @@ from .state import (
     set_worker,
     stamp,
 )
+from .tls import TLS, server_context
+from .tls import reload as reload_tls
 from .upstream import Upstream
 from .workers import (
     METRICS_INTERVAL_S,
@@ -81,7 +83,10 @@ def build_app(config: Config, primary_url: str, worker: Worker | None = None) ->
     )
     if config.tokens_file is not None:  # TokenFileError stops the start, with the reason
         app[AUTH] = Guard(Path(config.tokens_file), config.admin_token, _owner_of(app))
-        app.cleanup_ctx.append(_auth_ctx)
+    context = server_context(config)
+    if context is not None:
+        app[TLS] = context
+    app.cleanup_ctx.append(_reload_ctx)
     # Started in this order, stopped in reverse: the scheduler needs the upstream session.
     app.cleanup_ctx.extend(
         [_loop_lag_ctx, _upstream_ctx, _heartbeat_ctx, _sample_ctx, _replicas_ctx]
@@ -123,17 +128,26 @@ def _owner_of(app: web.Application) -> Owner:
     return owner
 
 
-async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Reload the tokens file when it changes, and on SIGHUP."""
-    guard = app[AUTH]
+async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
+    """SIGHUP reloads the tokens file and the TLS certificate; the tokens file is also
+    reloaded when it changes."""
+    guard, context = app.get(AUTH), app.get(TLS)
+
+    def on_sighup() -> None:
+        if guard is not None:
+            guard.reload("SIGHUP")
+        if context is not None:
+            reload_tls(context, app[CONFIG])
+
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, guard.reload, "SIGHUP")
-    watcher = asyncio.create_task(guard.watch())
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    watcher = None if guard is None else asyncio.create_task(guard.watch())
     yield
     loop.remove_signal_handler(signal.SIGHUP)
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
 
 
 def _replica_source(app: web.Application, router: ReplicaRouter) -> ReplicaSource:

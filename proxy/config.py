@@ -226,6 +226,30 @@ class Config:
         None,
         metavar="FILE",
     )
+    tls_cert_file: str | None = _key(
+        "PEM certificate (chain) of the HTTPS listener; with tls_key_file. Unset: plain "
+        "HTTP. Reloaded on SIGHUP.",
+        None,
+        metavar="FILE",
+    )
+    tls_key_file: str | None = _key(
+        "PEM private key of tls_cert_file (unset: the key is in tls_cert_file).",
+        None,
+        metavar="FILE",
+    )
+    tls_client_ca_file: str | None = _key(
+        "Require client certificates signed by this CA (mTLS); needs tls_cert_file.",
+        None,
+        metavar="FILE",
+    )
+    primary_ca_file: str | None = _key(
+        "CA bundle that verifies an https primary_url (unset: the system's CAs).",
+        None,
+        metavar="FILE",
+    )
+    primary_tls_verify: bool = _key(
+        "Verify the certificate of an https primary_url. Off only for testing.", True
+    )
     allow_unauthenticated: bool = _key(
         "Listen on an address other than loopback without tokens_file (anyone who reaches "
         "the proxy can then read, change and delete everything: Chroma 1.5.9 checks nothing).",
@@ -383,6 +407,8 @@ class Config:
                 "without tokens_file anyone who reaches it can read, change and delete all "
                 "data: set tokens_file, listen on loopback, or pass --allow-unauthenticated",
             )
+        if self.tls_cert_file is None and (self.tls_key_file or self.tls_client_ca_file):
+            raise ConfigError("tls_cert_file", None, "tls_key_file and mTLS need a certificate")
         if self.builder_url is not None and (self.role != "replica" or not self.admin_token):
             raise ConfigError("builder_url", self.builder_url, "needs role replica and admin_token")
         if (

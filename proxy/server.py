@@ -31,6 +31,7 @@ from .embedded import EmbeddedPrimary
 from .ledger import LISTENING, Ledger
 from .sample import NAME as SAMPLE_NAME
 from .state import CONFIG, METRICS, ROUTER, STATE
+from .tls import TLS
 from .workers import Worker, Workers, first_worker, until_orphaned
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ async def _listen(app: web.Application, config: Config, *, reuse_port: bool) -> 
         backlog=1024,
         reuse_address=True,
         reuse_port=reuse_port or None,
+        ssl_context=app.get(TLS),
     )
     try:
         await site.start()
@@ -167,17 +169,19 @@ def _announce(
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     kind = "embedded" if embedded else "remote"
     workers = f" with {config.workers} workers" if config.workers > 1 else ""
+    scheme = "https" if config.tls_cert_file else "http"
+    ssl_arg = ", ssl=True" if config.tls_cert_file else ""
     lines = [
-        f"replica-proxy {__version__} serving on http://{host}:{port}{workers} "
+        f"replica-proxy {__version__} serving on {scheme}://{host}:{port}{workers} "
         f"-> {kind} primary {primary_url}",
         f"Replicas: {source}",
         "Try it from Python (pip install chromadb==1.5.9):",
         "    import chromadb",
-        f'    client = chromadb.HttpClient(host="{host}", port={port})',
+        f'    client = chromadb.HttpClient(host="{host}", port={port}{ssl_arg})',
     ]
     if config.sample_data:
-        lines[-1] = f'    col = chromadb.HttpClient(host="{host}", port={port}).get_collection('
-        lines[-1] += f'"{SAMPLE_NAME}")'
+        lines[-1] = f'    col = chromadb.HttpClient(host="{host}", port={port}{ssl_arg})'
+        lines[-1] += f'.get_collection("{SAMPLE_NAME}")'
         lines.append('    print(col.query(query_embeddings=[[1.0, 0.5, 0.0]], n_results=3)["ids"])')
     else:
         lines.append("    print(client.heartbeat(), client.list_collections())")

@@ -20,6 +20,7 @@ from yarl import URL
 from .config import Config
 from .errors import UpstreamCircuitOpen, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .metrics import Metrics
+from .tls import primary_context
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,9 @@ class Upstream:
             sock_read=self._config.read_timeout_s or None,
         )
         connector = aiohttp.TCPConnector(
-            limit=self._config.max_upstream_connections, limit_per_host=0
+            limit=self._config.max_upstream_connections,
+            limit_per_host=0,
+            ssl=primary_context(self._config),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

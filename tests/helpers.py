@@ -83,7 +83,7 @@ class ChromaServer:
 
 
 _BANNER = re.compile(
-    rb"serving on http://([\d.]+):(\d+)(?: with \d+ workers)? -> (\w+) primary (\S+)"
+    rb"serving on (https?)://([\d.]+):(\d+)(?: with \d+ workers)? -> (\w+) primary (\S+)"
 )
 
 
@@ -108,9 +108,9 @@ class ProxyProcess:
             raise
         match = _BANNER.search(self.banner)
         assert match is not None, self.banner
-        self.port = int(match.group(2))
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.primary_url = match.group(4).decode()
+        self.port = int(match.group(3))
+        self.url = f"{match.group(1).decode()}://127.0.0.1:{self.port}"
+        self.primary_url = match.group(5).decode()
 
     def _read_banner(self, timeout_s: float) -> bytes:
         assert self.proc.stdout is not None

@@ -119,6 +119,25 @@ class Config:
         "enforces by cutting the connection mid-upload; raise both together.",
         40 * 1024 * 1024,
     )
+    max_ids_per_request: int = _key(
+        "Most ids in one request (get, delete, add...): more is a 400. The Python client "
+        "writes in batches of at most 5,461.",
+        100_000,
+    )
+    max_n_results: int = _key("Largest n_results of a query: more is a 400.", 100_000)
+    max_query_vectors: int = _key("Most query vectors in one query: more is a 400.", 10_000)
+    max_where_depth: int = _key(
+        "Deepest nesting of a where or where_document filter: deeper is a 400.", 64
+    )
+    max_where_nodes: int = _key(
+        "Most parts (operators, keys, values) in one filter: more is a 400.", 10_000
+    )
+    max_document_bytes: int = _key(
+        "Largest document in a write, UTF-8 bytes: larger is a 413.", 16 * 1024 * 1024
+    )
+    max_metadata_bytes: int = _key(
+        "Largest metadata of one row in a write, as JSON bytes: larger is a 413.", 1024 * 1024
+    )
     heartbeat_interval_s: float = _key(
         "How often the primary is probed for /readyz and the primary_up metric.", 2.0
     )
@@ -365,6 +384,13 @@ class Config:
             "storage_poll_interval_s",
             "storage_wait_s",
             "storage_overlay_max_rows",
+            "max_ids_per_request",
+            "max_n_results",
+            "max_query_vectors",
+            "max_where_depth",
+            "max_where_nodes",
+            "max_document_bytes",
+            "max_metadata_bytes",
         ):
             _check_positive(name, getattr(self, name))
         for name in (

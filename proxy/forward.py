@@ -11,11 +11,12 @@ import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import RequestTooLarge, UpstreamError
-from .state import CONFIG, GUARDS, METRICS, SOURCE, UPSTREAM, request_id, stamp
+from .state import CONFIG, GUARDS, METRICS, ROUTE, SOURCE, UPSTREAM, request_id, stamp
 from .upstream import CHUNK_BYTES, request_headers, response_headers
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,22 @@ async def read_body(request: web.Request) -> bytes:
             raise RequestTooLarge(_too_large(len(body), limit))
         return body
     return await request.read()
+
+
+# Record requests whose JSON bodies the limits look at (proxy/limits.py).
+LIMITED_OPS = frozenset({"get", "query", "add", "upsert", "update", "delete"})
+
+
+def check_limits(request: web.Request, raw: bytes) -> None:
+    """Refuse a record request's body past a limit (400/413); a body that is not JSON is
+    left to the primary's own error."""
+    if request[ROUTE].op not in LIMITED_OPS or not raw:
+        return
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return
+    request.app[GUARDS].limits.check(body)
 
 
 async def forward(request: web.Request, body_bytes: bytes | None = None) -> web.StreamResponse:

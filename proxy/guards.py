@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .admission import InFlightLimit, SearchGate, TokenBuckets
 from .cache import ResultCache, SingleFlight
 from .config import Config
+from .limits import Limits
 from .metrics import Metrics
 
 
@@ -22,6 +23,7 @@ class Guards:
     buckets: TokenBuckets
     forward_limit: InFlightLimit
     request_limit: InFlightLimit
+    limits: Limits  # what one request may ask for (proxy/limits.py)
     metrics: Metrics = field(repr=False)
 
     @classmethod
@@ -42,6 +44,7 @@ class Guards:
                 config.retry_after_s,
             ),
             buckets=TokenBuckets(config.tenant_rate_per_s, config.tenant_burst),
+            limits=Limits.from_config(config),
             forward_limit=InFlightLimit(config.max_forwarded_in_flight, config.retry_after_s),
             request_limit=InFlightLimit(
                 config.max_requests_in_flight, config.retry_after_s, "requests", "request_limit"

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from . import reads
 from .auth import AUTH, TOKEN, audit_event
 from .errors import Overloaded
-from .forward import forward, forward_buffered, read_body
+from .forward import LIMITED_OPS, check_limits, forward, forward_buffered, read_body
 from .ledger import READY
 from .routes import RouteClass
 from .state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE, WORKER
@@ -59,10 +59,14 @@ async def write(request: web.Request) -> web.StreamResponse:
     router, route = request.app[ROUTER], request[ROUTE]
     if router.applies_writes(route):
         return await write_applied(request)
+    raw = None
+    if route.op in LIMITED_OPS:  # read whole to check its limits before anything is sent
+        raw = await read_body(request)
+        check_limits(request, raw)
     books = router.begin_write(route)
     status: int | None = None
     try:
-        response = await forward(request)
+        response = await forward(request, raw)
         status = response.status
         return response
     finally:
@@ -79,6 +83,7 @@ async def write_applied(request: web.Request) -> web.StreamResponse:
     goes back, so the client's next read finds it there."""
     router = request.app[ROUTER]
     body = await read_body(request)
+    check_limits(request, body)
     token = router.begin_write(request[ROUTE], body)
     try:
         response, _ = await forward_buffered(request, body)

@@ -25,7 +25,7 @@ from . import local
 from .cache import Cached
 from .consistency import Level
 from .errors import Overloaded, UpstreamError
-from .forward import forward, forward_buffered, read_body
+from .forward import LIMITED_OPS, check_limits, forward, forward_buffered, read_body
 from .routes import Route
 from .state import GUARDS, METRICS, ROUTE, ROUTER, SOURCE, STATE, UPSTREAM
 from .upstream import Breaker
@@ -66,7 +66,7 @@ async def read(request: web.Request) -> web.StreamResponse:
         replica = await router.caught_up(replica, level)
         if replica is None:
             metrics.local_fallbacks.labels("catching_up").inc()
-            return await forward(request, raw)
+            return await _forward_checked(request, raw)
     primary_unreachable = not app[STATE].primary_up or app[UPSTREAM].breaker.state != Breaker.CLOSED
     stale = primary_unreachable  # nobody can tell how current the replica is: say so
     age_s = replica.age_s()
@@ -74,7 +74,7 @@ async def read(request: web.Request) -> web.StreamResponse:
         metrics.local_fallbacks.labels("consistency").inc()
         if level is Level.STRONG or not primary_unreachable:
             try:
-                return await forward(request, raw)
+                return await _forward_checked(request, raw)
             except UpstreamError:
                 if level is Level.STRONG:
                     raise
@@ -84,7 +84,7 @@ async def read(request: web.Request) -> web.StreamResponse:
     except NotLocal as exc:
         log.debug("forwarding %s: %s", route.op, exc)
         metrics.local_fallbacks.labels("not_local").inc()
-        return await forward(request, raw)
+        return await _forward_checked(request, raw)
     request[SOURCE] = source
     headers = {
         "Content-Type": "application/json",
@@ -94,6 +94,11 @@ async def read(request: web.Request) -> web.StreamResponse:
     if stale:
         headers["X-Proxy-Stale"] = "true"
     return web.Response(body=body, headers=headers)
+
+
+async def _forward_checked(request: web.Request, raw: bytes) -> web.StreamResponse:
+    check_limits(request, raw)
+    return await forward(request, raw)
 
 
 async def _answer_current(
@@ -137,6 +142,7 @@ async def _answer(
         guards.metrics.admission.labels(exc.reason).inc()
         raise
     prepared = local.prepare(route.op, raw, request.rel_url.query, route.tenant, route.database)
+    guards.limits.check(prepared.body)  # a cached answer's request passed it when computed
     key = (*base, prepared.digest)
     if cache is not None and (hit := cache.get(key)) is not None:
         guards.metrics.cache_hit.inc()
@@ -170,6 +176,8 @@ async def _answer(
 async def forwarded_read(request: web.Request) -> web.StreamResponse:
     """Forward a read; cacheable lookups are reused for forwarded_cache_ttl_s."""
     guards, route = request.app[GUARDS], request[ROUTE]
+    if route.op in LIMITED_OPS:
+        return await _forward_checked(request, await read_body(request))
     cache = guards.forwarded
     if cache is None or route.op not in FORWARDED_CACHEABLE or request.method != "GET":
         return await forward(request)

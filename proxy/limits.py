@@ -1,0 +1,97 @@
+"""Limits on what one request may ask for (issue 12, hostile input): ids, results, query
+vectors, filter depth and size, document and metadata sizes. A request past one is answered
+400 (counts) or 413 (sizes) in Chroma's error format, naming the limit and its config key,
+before it reaches a replica or the primary.
+
+The defaults are well above what the Chroma clients send: the Python client splits writes
+into batches of the primary's max_batch_size (5,461 rows, chroma-wire.md 1), and a query's
+n_results and filters are whatever the application asks. The limits bound how much work one
+request can make the proxy do (an n_results of ten million, a filter nested ten thousand
+deep), not normal use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .config import Config
+from .errors import BadRequest, RequestTooLarge
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    ids: int
+    n_results: int
+    query_vectors: int
+    where_depth: int
+    where_nodes: int
+    document_bytes: int
+    metadata_bytes: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> Limits:
+        return cls(
+            config.max_ids_per_request,
+            config.max_n_results,
+            config.max_query_vectors,
+            config.max_where_depth,
+            config.max_where_nodes,
+            config.max_document_bytes,
+            config.max_metadata_bytes,
+        )
+
+    def check(self, body: object) -> None:
+        """Raise BadRequest or RequestTooLarge if the (parsed JSON) body of a record
+        request passes a limit; anything else is left to the primary's own checks."""
+        if not isinstance(body, dict):
+            return
+        _count(body.get("ids"), self.ids, "ids", "max_ids_per_request")
+        _count(body.get("query_embeddings"), self.query_vectors, "query vectors",
+               "max_query_vectors")  # fmt: skip
+        n = body.get("n_results")
+        if isinstance(n, int) and n > self.n_results:
+            raise BadRequest(f"n_results {n} is over max_n_results={self.n_results}")
+        for key in ("where", "where_document"):
+            if body.get(key) is not None:
+                self._check_filter(key, body[key])
+        documents = body.get("documents")
+        if isinstance(documents, list):
+            for doc in documents:
+                if isinstance(doc, str) and len(doc) * 4 > self.document_bytes:
+                    size = len(doc.encode())
+                    if size > self.document_bytes:
+                        raise RequestTooLarge(
+                            f"a document of {size} bytes is over "
+                            f"max_document_bytes={self.document_bytes}"
+                        )
+        metadatas = body.get("metadatas")
+        if isinstance(metadatas, list):
+            for meta in metadatas:
+                if isinstance(meta, dict) and len(orjson.dumps(meta)) > self.metadata_bytes:
+                    raise RequestTooLarge(
+                        f"a metadata of over max_metadata_bytes={self.metadata_bytes} bytes"
+                    )
+
+    def _check_filter(self, key: str, clause: Any) -> None:
+        """Depth and number of nodes, walked without recursion (a deep filter must not
+        exhaust the stack checking it)."""
+        nodes, stack = 0, [(clause, 1)]
+        while stack:
+            value, depth = stack.pop()
+            nodes += 1
+            if depth > self.where_depth:
+                raise BadRequest(f"{key} nested deeper than max_where_depth={self.where_depth}")
+            if nodes > self.where_nodes:
+                raise BadRequest(f"{key} has more than max_where_nodes={self.where_nodes} parts")
+            if isinstance(value, dict):
+                stack.extend((v, depth + 1) for v in value.values())
+            elif isinstance(value, list):
+                stack.extend((v, depth + 1) for v in value)
+
+
+def _count(value: object, limit: int, what: str, key: str) -> None:
+    if isinstance(value, list) and len(value) > limit:
+        raise BadRequest(f"{len(value)} {what} in one request is over {key}={limit}")

@@ -59,7 +59,10 @@ def _include(body: dict[str, Any], default: list[str]) -> list[str]:
     if "include" not in body:
         return default
     include = body["include"]
-    if not isinstance(include, list) or not all(v in INCLUDE_VALUES for v in include):
+    # isinstance first: `{} in frozenset` raises TypeError (found by fuzzing: a 500).
+    if not isinstance(include, list) or not all(
+        isinstance(v, str) and v in INCLUDE_VALUES for v in include
+    ):
         raise NotLocal("unknown include value")
     return include
 

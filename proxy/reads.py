@@ -141,7 +141,13 @@ async def _answer(
     except Overloaded as exc:
         guards.metrics.admission.labels(exc.reason).inc()
         raise
-    prepared = local.prepare(route.op, raw, request.rel_url.query, route.tenant, route.database)
+    try:
+        prepared = local.prepare(route.op, raw, request.rel_url.query, route.tenant, route.database)
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        # Malformed input the parser did not foresee (a dict where a string belongs, say):
+        # the primary gives its own answer, never a 500 of ours.
+        log.info("forwarding a %s the proxy could not parse: %r", route.op, exc)
+        raise NotLocal("unparsed request") from exc
     guards.limits.check(prepared.body)  # a cached answer's request passed it when computed
     key = (*base, prepared.digest)
     if cache is not None and (hit := cache.get(key)) is not None:

@@ -258,6 +258,12 @@ def test_invalid_requests_get_the_primarys_errors(
         ("get", {"where": {"a": 1, "b": 2}}),
         ("get", {"include": ["data"]}),
         ("get", {"where_document": {"$regex": "("}}),
+        # Found by fuzzing: unhashable values where strings belong were a 500 of the proxy.
+        ("query", {"query_embeddings": [[0.0] * DIM], "include": [{}]}),
+        ("get", {"include": [[]]}),
+        ("get", {"where": {"cat": {"$in": [{}]}}}),
+        ("get", {"where": {"cat": {"$nin": [[1]]}}}),
+        ("get", {"where_document": {"$contains": {}}}),
     ]
     for op, body in bad:
         path = f"{D}/collections/{cid}/{op}"

@@ -76,7 +76,8 @@ def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
 class Breaker:
     """Circuit breaker: after ``failures`` consecutive failures to reach the primary, fail fast
     for ``open_s``; then let one trial request through (half-open): success closes it, failure
-    opens it again. Only transport failures count: an error status means the primary is up."""
+    opens it again. Only transport failures count: an error status means the primary is up,
+    and a request the primary dropped counts only if its heartbeat fails too (Upstream._blame)."""
 
     CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 
@@ -136,6 +137,10 @@ class Upstream:
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self.breaker = Breaker(config.breaker_failures, config.breaker_open_s, metrics)
+        # The heartbeat that decides whether a dropped request was the primary's fault: one
+        # at a time, its answer reused for PROBE_REUSE_S.
+        self._probe: asyncio.Task[bool] | None = None
+        self._probe_at = 0.0
 
     async def __aenter__(self) -> Upstream:
         timeout = aiohttp.ClientTimeout(
@@ -160,6 +165,8 @@ class Upstream:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -196,14 +203,30 @@ class Upstream:
             except aiohttp.ServerDisconnectedError as exc:
                 if attempt + 1 < attempts:
                     continue
-                self.breaker.failure()
+                self._blame(exc, probe)
                 raise self.translate(exc) from exc
             except _FAILURES as exc:
-                self.breaker.failure()
+                self._blame(exc, probe)
                 raise self.translate(exc) from exc
             self.breaker.success()
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _blame(self, exc: BaseException, probe: bool) -> None:
+        """Count a failed request against the primary, or not. Nothing listening (connect
+        refused or timed out) and a failed heartbeat count at once. A connection dropped or
+        an answer too slow may be this one request's doing: Chroma 1.5.9 drops the connection
+        of a request it panics on (GET /api/v2/collections/{crn}, chroma-wire.md 14.9) and
+        stays up; counting those let one client open the breaker on everybody. They count
+        only if a heartbeat, sent now in the background, fails as well."""
+        if probe or isinstance(exc, aiohttp.ClientConnectorError):
+            self.breaker.failure()
+            return
+        now = time.monotonic()
+        if self._probe is not None and (not self._probe.done() or now - self._probe_at < 1.0):
+            return  # one probe answers for every failure around it
+        self._probe_at = now
+        self._probe = asyncio.get_running_loop().create_task(self.heartbeat())
 
     async def iter_body(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """Yield the response body as it arrives, translating read failures."""
@@ -261,14 +284,16 @@ class Upstream:
         return status == 200
 
     def translate(self, exc: BaseException) -> UpstreamError:
+        """The client's error names no address (it would tell every client where the
+        primary is); the log has it, and the cause."""
         err: UpstreamError
         if isinstance(exc, asyncio.TimeoutError):
-            reason, err = "timeout", UpstreamTimeout(f"primary {self.base_url} timed out")
+            reason, err = "timeout", UpstreamTimeout("the primary timed out")
         elif isinstance(exc, aiohttp.ClientConnectorError):
-            reason = "connect"
-            err = UpstreamUnavailable(f"primary {self.base_url} unreachable: {exc.os_error}")
+            reason, err = "connect", UpstreamUnavailable("the primary is unreachable")
         else:
             reason = "disconnect"
-            err = UpstreamUnavailable(f"primary {self.base_url} failed: {exc!r}")
+            err = UpstreamUnavailable("the primary failed: it dropped the connection")
+        log.warning("primary %s: %s (%r)", self.base_url, err, exc)
         self._metrics.upstream_errors.labels(reason).inc()
         return err

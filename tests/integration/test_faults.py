@@ -67,6 +67,51 @@ async def test_connection_reset_is_502(rig: Rig) -> None:
         assert "failed" in (await json_error(resp))["message"]
 
 
+async def test_dropped_requests_do_not_open_the_breaker_for_everyone(rig: Rig) -> None:
+    """One client's request that the primary drops (Chroma panics on some paths and stays
+    up) gets a clean 502 each time; the heartbeat still answers, so the breaker stays closed
+    and everybody else's requests go on. No error names the primary's address."""
+    address = f"{rig.primary.host}:{rig.primary.port}"
+    for _ in range(12):  # well past breaker_failures (5)
+        async with rig.session.get(rig.url("/reset")) as resp:
+            assert resp.status == 502
+            assert address not in (await json_error(resp))["message"]
+        async with rig.session.get(rig.url("/api/v2/heartbeat")) as resp:
+            assert resp.status == 200
+    async with rig.session.get(rig.url("/metrics")) as resp:
+        assert "replica_proxy_breaker_state 0.0" in await resp.text()
+    for path in ("/slow?s=3", "/api/v2/heartbeat"):
+        async with rig.session.get(rig.url(path)) as resp:
+            assert resp.status in (200, 504)
+            if resp.status == 504:
+                assert address not in (await json_error(resp))["message"]
+
+
+async def test_a_primary_that_is_gone_opens_the_breaker(tmp_path: Path) -> None:
+    """Nothing listens: connect failures count at once, and after breaker_failures of them
+    clients get 503 with Retry-After without the primary being tried."""
+    primary = await start_fake_primary()
+    url = str(primary.make_url(""))
+    await primary.close()
+    config = load({"breaker_failures": "3", "heartbeat_interval_s": "60"}, environ={})
+    proxy = TestServer(build_app(config, url), host="127.0.0.1")
+    await proxy.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for _ in range(5):
+                async with session.get(str(proxy.make_url("/api/v2/version"))) as resp:
+                    statuses.append(resp.status)
+                    body = await json_error(resp)
+                    assert url.split("//")[1].rstrip("/") not in body["message"]
+                    if resp.status == 503:
+                        assert resp.headers["Retry-After"]
+        # The proxy's own start-up heartbeat and discovery failed too: it may open earlier.
+        assert set(statuses) <= {502, 503} and statuses[-2:] == [503, 503], statuses
+    finally:
+        await proxy.close()
+
+
 async def test_death_mid_response_breaks_the_connection(rig: Rig) -> None:
     """After the headers went out, a short body must not look complete to the client."""
     with pytest.raises(aiohttp.ClientPayloadError):
@@ -175,7 +220,7 @@ async def test_primary_stopped_then_back(tmp_path: Path) -> None:
             async with session.get(heartbeat) as resp:
                 assert resp.status == 502
                 body = await json_error(resp)
-                assert "unreachable" in body["message"]
+                assert "unreachable" in body["message"] and own.url not in body["message"]
             await wait_for_status(session, proxy.url + "/readyz", 503)
             own.start()  # same port, same data
             await wait_for_status(session, proxy.url + "/readyz", 200)
@@ -236,3 +281,23 @@ async def test_requests_over_the_in_flight_cap_get_503_at_once() -> None:
     finally:
         await proxy.close()
         await primary.close()
+
+
+def test_requests_a_real_primary_panics_on_leave_everyone_else_served(
+    proxy: ProxyProcess,
+) -> None:
+    """Chroma 1.5.9 drops the connection of GET /api/v2/collections/{crn} (a handler panic,
+    chroma-wire.md 14.9). Many of them through the proxy: each a clean 502, and heartbeat,
+    pre-flight and tenant lookups keep answering 200 (they got 503 when each drop counted
+    against the primary)."""
+    import httpx
+
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        for _ in range(10):
+            dropped = client.get("/api/v2/collections/default_tenant:default_database:nope")
+            assert dropped.status_code == 502, dropped.text
+            assert dropped.json()["error"] == "ChromaError"
+            assert proxy.primary_url.split("//")[1] not in dropped.text
+        for path in ("/api/v2/heartbeat", "/api/v2/pre-flight-checks",
+                     "/api/v2/tenants/default_tenant"):  # fmt: skip
+            assert client.get(path).status_code == 200, path

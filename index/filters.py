@@ -1,7 +1,7 @@
 """`where` and `where_document` parsed into functions from a replica to a row mask.
 
 Only filters whose meaning is certain are accepted; anything else (invalid shapes, unknown
-operators, a regex whose Rust and Python meanings could differ) raises NotLocal, and the request
+operators, a regex whose Rust and RE2 meanings could differ) raises NotLocal, and the request
 goes to the primary, which answers it (including its 400 errors) itself. Semantics, as measured
 against Chroma 1.5.9 (chroma-wire.md section 7, plus tests/index/test_filters.py):
 
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
+import re2
 
 from .columns import Columns, Mask, scalar_kind
 from .errors import NotLocal
@@ -138,7 +139,7 @@ def _parse_document_operator(clause: object) -> Filter:
         found: Filter = lambda ctx: _documents_matching(ctx, lambda d: needle in d)  # noqa: E731
         return found if op == "$contains" else _negate(found)
     if op in ("$regex", "$not_regex"):
-        pattern = python_regex(needle)
+        pattern = document_regex(needle)
 
         def matched(ctx: Filterable) -> Mask:
             if pattern.needs_plain_ascii and not ctx.documents_plain_ascii:
@@ -155,25 +156,39 @@ def _documents_matching(ctx: Filterable, test: Callable[[str], bool]) -> Mask:
     )
 
 
-# --- regex: Chroma evaluates with Rust's `regex` crate; answer locally only where Python's `re`
-# is known to agree. ------------------------------------------------------------------------
+# --- regex: Chroma evaluates with Rust's `regex` crate, which runs in linear time; so does
+# RE2 (google-re2), which evaluates it here, and whose syntax is Rust's but for a few corners.
+# A backtracking engine would let one `(a+)+b` hold a search thread for minutes (issue 12).
+# Patterns are answered locally only where RE2 and Rust are known to agree. ----------------
 
 _SAFE_ESCAPES = set(".\\-[](){}*+?|^$/ntr")
-_CLASS_ESCAPES = set("dDwWsSbB")  # Unicode tables differ slightly: agree on plain ASCII text
+# RE2's \d \w \s \b are ASCII, Rust's Unicode: they agree on plain ASCII documents.
+_CLASS_ESCAPES = set("dDwWsSbB")
 _INLINE = re.compile(r"\(\?([ims]*)(\)|:)")
 _QUANTIFIER = re.compile(r"\{\d+(,\d*)?\}")
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False  # a pattern RE2 refuses is forwarded, not logged to stderr
 
 
-class PythonRegex:
+class DocumentRegex:
     __slots__ = ("needs_plain_ascii", "regex")
 
-    def __init__(self, regex: re.Pattern[str], needs_plain_ascii: bool) -> None:
-        self.regex = regex
+    def __init__(self, regex: Any, needs_plain_ascii: bool) -> None:
+        self.regex = regex  # re2._Regexp: .search(text) is None or a match
         self.needs_plain_ascii = needs_plain_ascii
 
 
-def python_regex(pattern: str) -> PythonRegex:
-    """Compile ``pattern`` if Python's `re` means the same as Rust's `regex`; else NotLocal."""
+def document_regex(pattern: str) -> DocumentRegex:
+    """Compile ``pattern`` with RE2 if it means there what it means to Rust's `regex`; else
+    NotLocal (the primary answers, including its own error for an invalid pattern).
+
+    Both agree on: literals, `.`, classes (POSIX ones included: ASCII in both), `^` and `$`
+    (end of text only, unlike Python's `$`), alternation, groups and non-capturing groups,
+    greedy and lazy quantifiers, counted repetition up to RE2's 1,000, the inline flags
+    i, m, s. Not local: escapes other than punctuation and \\n \\t \\r (Unicode classes
+    \\p{..}, \\x.., \\A/\\z differ or are Rust-only), look-arounds and back-references (Rust
+    refuses them: an error the primary gives), named groups, class set operations (`&&`,
+    `--`, `~~`: Rust only), and a `{` that is not a repetition."""
     needs_ascii = False
     i = 0
     while i < len(pattern):
@@ -186,10 +201,6 @@ def python_regex(pattern: str) -> PythonRegex:
                 raise NotLocal(f"regex escape \\{nxt} is not replicated")
             i += 2
             continue
-        if ch == "$":  # Python's $ also matches before a final newline; Rust's does not
-            raise NotLocal("regex $ is not replicated")
-        if ch == "[" and pattern.startswith("[[:", i):
-            raise NotLocal("POSIX classes are not replicated")
         if ch == "[" and any(op in pattern[i:] for op in ("&&", "--", "~~")):
             raise NotLocal("class set operations are not replicated")
         if ch == "(" and pattern.startswith("(?", i):
@@ -201,14 +212,14 @@ def python_regex(pattern: str) -> PythonRegex:
             raise NotLocal("a literal { is not replicated")
         i += 1
     try:
-        return PythonRegex(re.compile(pattern), needs_ascii)
-    except re.error as exc:  # the primary will explain in its own words
+        return DocumentRegex(re2.compile(pattern, _OPTIONS), needs_ascii)
+    except re2.error as exc:  # the primary will explain in its own words
         raise NotLocal(f"regex does not compile: {exc}") from None
 
 
 def plain_ascii(documents: list[str | None]) -> bool:
     """True if every document is printable ASCII plus tab, newline and carriage return, where
-    Python and Rust agree on \\w, \\d, \\s, \\b and case folding."""
+    RE2 and Rust agree on \\w, \\d, \\s, \\b and case folding."""
     return all(doc is None or (doc.isascii() and not _ODD_ASCII.search(doc)) for doc in documents)
 
 

@@ -149,10 +149,14 @@ WHERE: list[tuple[Any, Any]] = [
     (None, {"$regex": "row 1[0-9]+ about"}),
     (None, {"$or": [{"$contains": "omega"}, {"$not_regex": "[0-9]{3}"}]}),
     ({"flag": False}, {"$contains": "delta"}),
+    # Evaluated with RE2, which agrees with Rust here (Python's re did not: forwarded before).
+    (None, {"$regex": "alpha$"}),
+    (None, {"$regex": "[[:digit:]]{4}"}),
+    (None, {"$regex": "(r+o+)+w 1"}),
 ]
-# Filters the replica does not evaluate itself (Rust-only regex semantics): forwarded, and the
+# Filters the replica does not evaluate itself (Rust-only regex syntax): forwarded, and the
 # answer must still be the primary's.
-FORWARDED = [(None, {"$regex": "alpha$"}), (None, {"$regex": "[[:digit:]]{4}"})]
+FORWARDED = [(None, {"$regex": "\\p{Lu}"}), (None, {"$regex": "[0-9&&[^5]]{3}"})]
 
 
 def _query_body(vectors: np.ndarray[Any, Any], where: Any, where_document: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ local bodies = {%s}
 local i = 0
 wrk.method = "%s"
 wrk.headers["Content-Type"] = "application/json"
+%s
 request = function()
   i = i + 1
   if #bodies == 0 then return wrk.format(nil, nil) end
@@ -71,16 +72,30 @@ def wrk(
     seconds: int,
     method: str = "GET",
     bodies: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    cpu: int | None = None,
 ) -> LoadResult:
-    """Offer closed-loop load with ``connections`` concurrent connections (one wrk thread)."""
+    """Offer closed-loop load with ``connections`` concurrent connections (one wrk thread);
+    ``cpu``: pinned to that CPU with taskset."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: run `bash bench/setup.sh` (Debian's wrk package)")
     quoted = ",".join(json.dumps(b) for b in (bodies or []))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_LUA % (quoted, method))
+        extra = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
+                          for k, v in (headers or {}).items())  # fmt: skip
+        script.write(_LUA % (quoted, method, extra))
     try:
         run = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", script.name, url],
+            [
+                *([] if cpu is None else ["taskset", "-c", str(cpu)]),
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "-s",
+                script.name,
+                url,
+            ],
             capture_output=True,
             text=True,
         )

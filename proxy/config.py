@@ -133,7 +133,9 @@ class Config:
         "Most parts (operators, keys, values) in one filter: more is a 400.", 10_000
     )
     max_document_bytes: int = _key(
-        "Largest document in a write, UTF-8 bytes: larger is a 413.", 16 * 1024 * 1024
+        "Largest document in a write, UTF-8 bytes: larger is a 413. (Write bodies over 8 MiB "
+        "stream through unchecked.)",
+        4 * 1024 * 1024,
     )
     max_metadata_bytes: int = _key(
         "Largest metadata of one row in a write, as JSON bytes: larger is a 413.", 1024 * 1024

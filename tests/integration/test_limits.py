@@ -38,7 +38,7 @@ CASES = [
      "max_query_vectors"),
     ("get", {"where": _nested(40)}, 400, "max_where_depth"),
     ("delete", {"where": {"$or": [{"k": i} for i in range(5_001)]}}, 400, "max_where_nodes"),
-    ("add", {"ids": ["big"], "embeddings": [[1.0, 1.0]], "documents": ["x" * (16 << 20 | 1)]},
+    ("add", {"ids": ["big"], "embeddings": [[1.0, 1.0]], "documents": ["x" * (4 << 20 | 1)]},
      413, "max_document_bytes"),
     ("upsert", {"ids": ["big"], "embeddings": [[1.0, 1.0]],
                 "metadatas": [{"blob": "y" * (1 << 20)}]}, 413, "max_metadata_bytes"),

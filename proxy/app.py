@@ -238,7 +238,7 @@ def observed(handler: Handler) -> Handler:
                 stamp(request, exc.headers)
                 raise
             except Exception as exc:
-                resp = to_response(exc)
+                resp = to_response(exc, request_id(request))
             if not resp.prepared:
                 stamp(request, resp.headers)
             status = str(resp.status)

@@ -125,12 +125,17 @@ def error_response(status: int, name: str, message: str) -> web.Response:
     )
 
 
-def to_response(exc: BaseException) -> web.Response:
+def to_response(exc: BaseException, rid: str = "") -> web.Response:
     """Map any exception raised by a handler to a response; unexpected ones become a 500
-    without leaking a stack trace to the client (it goes to the log instead)."""
+    without leaking a stack trace to the client (it goes to the log instead). A 5xx names the
+    request id ``rid``: its cause (say, the primary's address and error) is in the log only."""
+    see_log = f" (request id {rid})" if rid else ""
     if isinstance(exc, ProxyError):
-        resp = error_response(exc.status, exc.error_name, f"replica-proxy: {exc}")
+        message = f"replica-proxy: {exc}{see_log if exc.status >= 500 else ''}"
+        resp = error_response(exc.status, exc.error_name, message)
         resp.headers.update(exc.headers())
         return resp
-    log.error("unhandled error", exc_info=exc)
-    return error_response(500, "InternalError", "replica-proxy: internal error (see proxy log)")
+    log.error("unhandled error, request id %s", rid or "-", exc_info=exc)
+    return error_response(
+        500, "InternalError", f"replica-proxy: internal error (see proxy log){see_log}"
+    )

@@ -171,7 +171,7 @@ async def forward_buffered(
         try:
             body = await resp.read()
         except aiohttp.ClientError as exc:
-            raise request.app[UPSTREAM].translate(exc) from exc
+            raise request.app[UPSTREAM].translate(exc, request_id(request)) from exc
         finally:
             resp.release()
     finally:

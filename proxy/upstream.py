@@ -7,6 +7,7 @@ proxy never sees an aiohttp client exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
@@ -25,8 +26,16 @@ from .tls import primary_context
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024
-# What can go wrong talking to the primary; _translate() turns each into an UpstreamError.
+# What can go wrong talking to the primary; translate() turns each into an UpstreamError.
 _FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+# Nobody took the connection: the primary is down whatever the request was.
+_UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# The connection broke under a request (reset, closed, body cut short).
+_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
+# Any other failure of a request is judged by one heartbeat (Upstream._blame): at most one in
+# flight, waited for at most PROBE_TIMEOUT_S, its answer reused for PROBE_REUSE_S after it.
+PROBE_TIMEOUT_S = 2.0
+PROBE_REUSE_S = 1.0
 
 # RFC 9110 section 7.6.1: hop-by-hop fields, plus the ones named in Connection, are not forwarded.
 # Proxy-Authorization is for this hop too; Expect was already honoured towards the client
@@ -76,8 +85,8 @@ def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
 class Breaker:
     """Circuit breaker: after ``failures`` consecutive failures to reach the primary, fail fast
     for ``open_s``; then let one trial request through (half-open): success closes it, failure
-    opens it again. Only transport failures count: an error status means the primary is up,
-    and a request the primary dropped counts only if its heartbeat fails too (Upstream._blame)."""
+    opens it again. Only transport failures count (an error status means the primary is up),
+    and of those only the primary's: see Upstream._blame."""
 
     CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 
@@ -137,10 +146,9 @@ class Upstream:
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self.breaker = Breaker(config.breaker_failures, config.breaker_open_s, metrics)
-        # The heartbeat that decides whether a dropped request was the primary's fault: one
-        # at a time, its answer reused for PROBE_REUSE_S.
+        # The heartbeat that judges failed requests (_blame), and when it last answered.
         self._probe: asyncio.Task[bool] | None = None
-        self._probe_at = 0.0
+        self._probe_done_at = 0.0
 
     async def __aenter__(self) -> Upstream:
         timeout = aiohttp.ClientTimeout(
@@ -167,6 +175,8 @@ class Upstream:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._probe is not None:
             self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         if self._session is not None:
             await self._session.close()
 
@@ -203,30 +213,52 @@ class Upstream:
             except aiohttp.ServerDisconnectedError as exc:
                 if attempt + 1 < attempts:
                     continue
-                self._blame(exc, probe)
-                raise self.translate(exc) from exc
+                await self._blame(exc, probe)
+                raise self.translate(exc, headers.get("X-Request-Id", "")) from exc
             except _FAILURES as exc:
-                self._blame(exc, probe)
-                raise self.translate(exc) from exc
+                await self._blame(exc, probe)
+                raise self.translate(exc, headers.get("X-Request-Id", "")) from exc
             self.breaker.success()
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _blame(self, exc: BaseException, probe: bool) -> None:
-        """Count a failed request against the primary, or not. Nothing listening (connect
-        refused or timed out) and a failed heartbeat count at once. A connection dropped or
-        an answer too slow may be this one request's doing: Chroma 1.5.9 drops the connection
-        of a request it panics on (GET /api/v2/collections/{crn}, chroma-wire.md 14.9) and
-        stays up; counting those let one client open the breaker on everybody. They count
-        only if a heartbeat, sent now in the background, fails as well."""
-        if probe or isinstance(exc, aiohttp.ClientConnectorError):
+    async def _blame(self, exc: BaseException, probe: bool) -> None:
+        """Count a failed request against the primary, or not (issue 12).
+
+        A dropped or timed-out request may be that one request's doing: Chroma 1.5.9 drops the
+        connection of GET /api/v2/collections/{crn} (a handler panic, chroma-wire.md 14.9) and
+        stays up. Counting those let one client open the breaker on everybody, so such a
+        failure counts only if the primary's heartbeat fails too; if the heartbeat answers,
+        the primary is well (which also ends a half-open trial). A connection nobody took,
+        or a failed heartbeat itself, says the primary is down and counts at once."""
+        if probe or isinstance(exc, _UNREACHABLE) or not await self._answers_heartbeat():
             self.breaker.failure()
-            return
-        now = time.monotonic()
-        if self._probe is not None and (not self._probe.done() or now - self._probe_at < 1.0):
-            return  # one probe answers for every failure around it
-        self._probe_at = now
-        self._probe = asyncio.get_running_loop().create_task(self.heartbeat())
+        else:
+            self.breaker.success()
+
+    async def _answers_heartbeat(self) -> bool:
+        """Whether the primary answers its heartbeat. One probe serves every failure around
+        it: a burst of bad requests sends one heartbeat, not one each."""
+        probe = self._probe
+        if probe is None or (
+            probe.done() and time.monotonic() - self._probe_done_at >= PROBE_REUSE_S
+        ):
+            probe = self._probe = asyncio.create_task(self._heartbeat_probe(), name="probe")
+        # shield: a client that hangs up must not cancel the probe others are waiting on.
+        return await asyncio.shield(probe)
+
+    async def _heartbeat_probe(self) -> bool:
+        """One heartbeat that leaves the breaker alone: the request it judges is what counts
+        (heartbeat() counts itself)."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                async with self.session.get(self.base_url + "/api/v2/heartbeat") as resp:
+                    await resp.read()
+                    return resp.status == 200
+        except _FAILURES:
+            return False
+        finally:
+            self._probe_done_at = time.monotonic()
 
     async def iter_body(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """Yield the response body as it arrives, translating read failures."""
@@ -234,7 +266,7 @@ class Upstream:
             async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
                 yield chunk
         except _FAILURES as exc:
-            raise self.translate(exc) from exc
+            raise self.translate(exc, resp.request_info.headers.get("X-Request-Id", "")) from exc
 
     async def call_raw(
         self,
@@ -283,17 +315,19 @@ class Upstream:
             return False
         return status == 200
 
-    def translate(self, exc: BaseException) -> UpstreamError:
-        """The client's error names no address (it would tell every client where the
-        primary is); the log has it, and the cause."""
+    def translate(self, exc: BaseException, rid: str = "") -> UpstreamError:
+        """The proxy error for an aiohttp failure. Its message names no address (every
+        client would learn where the primary is, issue 12): the log has the address and the
+        cause, under the request id ``rid`` that the client's error also carries."""
         err: UpstreamError
         if isinstance(exc, asyncio.TimeoutError):
             reason, err = "timeout", UpstreamTimeout("the primary timed out")
         elif isinstance(exc, aiohttp.ClientConnectorError):
             reason, err = "connect", UpstreamUnavailable("the primary is unreachable")
+        elif isinstance(exc, _DROPPED):
+            reason, err = "disconnect", UpstreamUnavailable("the primary dropped the connection")
         else:
-            reason = "disconnect"
-            err = UpstreamUnavailable("the primary failed: it dropped the connection")
-        log.warning("primary %s: %s (%r)", self.base_url, err, exc)
+            reason, err = "disconnect", UpstreamUnavailable("the primary's answer was unusable")
+        log.warning("rid=%s primary %s: %s: %r", rid or "-", self.base_url, err, exc)
         self._metrics.upstream_errors.labels(reason).inc()
         return err

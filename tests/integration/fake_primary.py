@@ -13,9 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 SLOW_STARTED = web.AppKey("slow_started", asyncio.Event)
+HEARTBEATS = web.AppKey("heartbeats", list[float])  # when each heartbeat came in
 
 
 async def heartbeat(request: web.Request) -> web.Response:
+    request.app[HEARTBEATS].append(asyncio.get_running_loop().time())
     return web.json_response({"nanosecond heartbeat": 1})
 
 
@@ -29,6 +31,15 @@ async def slow(request: web.Request) -> web.Response:
 async def reset(request: web.Request) -> web.Response:
     assert request.transport is not None
     request.transport.abort()
+    await asyncio.sleep(1)
+    raise AssertionError("unreachable")
+
+
+async def drop(request: web.Request) -> web.Response:
+    """Closes the connection without an answer, as Chroma 1.5.9 does on a request its handler
+    panics on (GET /api/v2/collections/{crn}, chroma-wire.md 14.9); the server stays up."""
+    assert request.transport is not None
+    request.transport.close()
     await asyncio.sleep(1)
     raise AssertionError("unreachable")
 
@@ -75,9 +86,11 @@ async def hop_response(request: web.Request) -> web.Response:
 def fake_primary_app() -> web.Application:
     app = web.Application()
     app[SLOW_STARTED] = asyncio.Event()
+    app[HEARTBEATS] = []
     app.router.add_get("/api/v2/heartbeat", heartbeat)
     app.router.add_get("/slow", slow)
     app.router.add_get("/reset", reset)
+    app.router.add_get("/drop", drop)
     app.router.add_get("/partial", partial)
     app.router.add_get("/echo-headers", echo_headers)
     app.router.add_post("/echo-body", echo_body)

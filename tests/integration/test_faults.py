@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from proxy.app import build_app
 from proxy.config import load
 from tests.helpers import ChromaServer, ProxyProcess
-from tests.integration.fake_primary import start_fake_primary
+from tests.integration.fake_primary import HEARTBEATS, start_fake_primary
 
 
 @dataclass
@@ -29,6 +29,10 @@ class Rig:
 
     def url(self, path: str) -> str:
         return str(self.proxy.make_url(path))
+
+    @property
+    def address(self) -> str:
+        return f"{self.primary.host}:{self.primary.port}"
 
 
 @pytest.fixture
@@ -54,62 +58,140 @@ async def json_error(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return body
 
 
+async def upstream_error(resp: aiohttp.ClientResponse, address: str) -> str:
+    """A 502/503/504 of the proxy's own: Chroma's error shape, naming the request id (the
+    log has the cause under it) and never the primary's host:port. Returns the message."""
+    body = await json_error(resp)
+    assert body["error"] == "ChromaError"
+    assert address not in body["message"], body
+    assert f"(request id {resp.headers['X-Request-Id']})" in body["message"], body
+    return body["message"]
+
+
+async def breaker_metrics(session: aiohttp.ClientSession, url: str) -> tuple[str, str]:
+    """The breaker's state and trip count, as /metrics has them."""
+    async with session.get(url) as resp:
+        lines = (await resp.text()).splitlines()
+    state, trips = (
+        next(line.split()[1] for line in lines if line.startswith(name + " "))
+        for name in ("replica_proxy_breaker_state", "replica_proxy_breaker_trips_total")
+    )
+    return state, trips
+
+
 async def test_read_timeout_is_504(rig: Rig) -> None:
     async with rig.session.get(rig.url("/slow?s=3")) as resp:
         assert resp.status == 504
-        body = await json_error(resp)
-    assert body["error"] == "ChromaError" and "timed out" in body["message"]
+        assert "timed out" in await upstream_error(resp, rig.address)
 
 
 async def test_connection_reset_is_502(rig: Rig) -> None:
     async with rig.session.get(rig.url("/reset")) as resp:
         assert resp.status == 502
-        assert "failed" in (await json_error(resp))["message"]
+        assert "dropped the connection" in await upstream_error(resp, rig.address)
 
 
 async def test_dropped_requests_do_not_open_the_breaker_for_everyone(rig: Rig) -> None:
     """One client's request that the primary drops (Chroma panics on some paths and stays
     up) gets a clean 502 each time; the heartbeat still answers, so the breaker stays closed
-    and everybody else's requests go on. No error names the primary's address."""
-    address = f"{rig.primary.host}:{rig.primary.port}"
-    for _ in range(12):  # well past breaker_failures (5)
-        async with rig.session.get(rig.url("/reset")) as resp:
+    and everybody else's requests go on, in a row and at the same time."""
+
+    async def dropped() -> None:
+        async with rig.session.get(rig.url("/drop")) as resp:
             assert resp.status == 502
-            assert address not in (await json_error(resp))["message"]
-        async with rig.session.get(rig.url("/api/v2/heartbeat")) as resp:
-            assert resp.status == 200
-    async with rig.session.get(rig.url("/metrics")) as resp:
-        assert "replica_proxy_breaker_state 0.0" in await resp.text()
-    for path in ("/slow?s=3", "/api/v2/heartbeat"):
+            assert "dropped the connection" in await upstream_error(resp, rig.address)
+
+    async def served(path: str) -> None:
         async with rig.session.get(rig.url(path)) as resp:
-            assert resp.status in (200, 504)
-            if resp.status == 504:
-                assert address not in (await json_error(resp))["message"]
+            assert resp.status == 200, path
+            assert resp.headers["X-Proxy-Source"] == "primary"
+
+    for _ in range(12):  # in a row, well past breaker_failures (5), no success in between
+        await dropped()
+    assert await breaker_metrics(rig.session, rig.url("/metrics")) == ("0.0", "0.0")
+    before = len(rig.primary.app[HEARTBEATS])
+    others = [served(p) for p in ("/api/v2/heartbeat", "/echo-headers") for _ in range(10)]
+    await asyncio.gather(*(dropped() for _ in range(20)), *others)
+    assert await breaker_metrics(rig.session, rig.url("/metrics")) == ("0.0", "0.0")
+    # One heartbeat judges the whole burst, not one per dropped request.
+    assert len(rig.primary.app[HEARTBEATS]) - before - 10 < 20
 
 
-async def test_a_primary_that_is_gone_opens_the_breaker(tmp_path: Path) -> None:
-    """Nothing listens: connect failures count at once, and after breaker_failures of them
-    clients get 503 with Retry-After without the primary being tried."""
+async def test_slow_answers_do_not_open_the_breaker_while_the_heartbeat_answers(
+    rig: Rig,
+) -> None:
+    """A request slower than read_timeout_s (0.5 s here) may be that request's doing (a huge
+    query): each gets its 504, and the others are still served. They run at once, so that
+    no background heartbeat lands between them."""
+
+    async def slow() -> None:
+        async with rig.session.get(rig.url("/slow?s=3")) as resp:
+            assert resp.status == 504
+            assert "timed out" in await upstream_error(resp, rig.address)
+
+    await asyncio.gather(*(slow() for _ in range(6)))  # more than breaker_failures (5)
+    assert await breaker_metrics(rig.session, rig.url("/metrics")) == ("0.0", "0.0")
+    async with rig.session.get(rig.url("/echo-headers")) as resp:
+        assert resp.status == 200
+
+
+async def test_a_primary_that_is_gone_opens_the_breaker() -> None:
+    """Nothing listens: connect failures count at once (no heartbeat asked), so after
+    breaker_failures of them clients get 503 with Retry-After without the primary being
+    tried. No error names the primary's address."""
     primary = await start_fake_primary()
-    url = str(primary.make_url(""))
-    await primary.close()
-    config = load({"breaker_failures": "3", "heartbeat_interval_s": "60"}, environ={})
-    proxy = TestServer(build_app(config, url), host="127.0.0.1")
-    await proxy.start_server()
+    address = f"{primary.host}:{primary.port}"
+    # No background heartbeats or replica discovery: only these requests reach the primary.
+    settings = {"breaker_failures": "3", "heartbeat_interval_s": "60", "replicas": "false"}
+    proxy = TestServer(build_app(load(settings, environ={}), str(primary.make_url(""))),
+                       host="127.0.0.1")  # fmt: skip
+    await proxy.start_server()  # its first heartbeat finds the primary up
+    await primary.close()  # the port is closed from now on
     try:
         async with aiohttp.ClientSession() as session:
             statuses = []
             for _ in range(5):
                 async with session.get(str(proxy.make_url("/api/v2/version"))) as resp:
                     statuses.append(resp.status)
-                    body = await json_error(resp)
-                    assert url.split("//")[1].rstrip("/") not in body["message"]
-                    if resp.status == 503:
-                        assert resp.headers["Retry-After"]
-        # The proxy's own start-up heartbeat and discovery failed too: it may open earlier.
-        assert set(statuses) <= {502, 503} and statuses[-2:] == [503, 503], statuses
+                    message = await upstream_error(resp, address)
+                    if resp.status == 502:
+                        assert "unreachable" in message
+                    else:
+                        assert "not tried" in message and int(resp.headers["Retry-After"]) >= 1
+            assert statuses == [502, 502, 502, 503, 503]
+            metrics = str(proxy.make_url("/metrics"))
+            assert await breaker_metrics(session, metrics) == ("1.0", "1.0")
     finally:
         await proxy.close()
+
+
+async def test_a_primary_that_drops_everything_opens_the_breaker() -> None:
+    """Every connection is taken and closed unanswered, the heartbeat's too (a primary that
+    crashes on every request): a dropped request then counts, as its heartbeat failed as well,
+    and after breaker_failures failures clients get 503."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    primary = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    address = f"127.0.0.1:{primary.sockets[0].getsockname()[1]}"
+    settings = {"breaker_failures": "3", "heartbeat_interval_s": "60", "replicas": "false"}
+    proxy = TestServer(build_app(load(settings, environ={}), f"http://{address}"),
+                       host="127.0.0.1")  # fmt: skip
+    await proxy.start_server()  # its first heartbeat fails: the first failure
+    try:
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for _ in range(4):
+                async with session.get(str(proxy.make_url("/api/v2/version"))) as resp:
+                    statuses.append(resp.status)
+                    await upstream_error(resp, address)
+            assert statuses == [502, 502, 503, 503]
+            assert resp.headers["Retry-After"]
+    finally:
+        await proxy.close()
+        primary.close()
+        await primary.wait_closed()
 
 
 async def test_death_mid_response_breaks_the_connection(rig: Rig) -> None:
@@ -220,7 +302,8 @@ async def test_primary_stopped_then_back(tmp_path: Path) -> None:
             async with session.get(heartbeat) as resp:
                 assert resp.status == 502
                 body = await json_error(resp)
-                assert "unreachable" in body["message"] and own.url not in body["message"]
+                assert "unreachable" in body["message"]
+                assert own.url.split("//")[1] not in body["message"]
             await wait_for_status(session, proxy.url + "/readyz", 503)
             own.start()  # same port, same data
             await wait_for_status(session, proxy.url + "/readyz", 200)
@@ -287,17 +370,21 @@ def test_requests_a_real_primary_panics_on_leave_everyone_else_served(
     proxy: ProxyProcess,
 ) -> None:
     """Chroma 1.5.9 drops the connection of GET /api/v2/collections/{crn} (a handler panic,
-    chroma-wire.md 14.9). Many of them through the proxy: each a clean 502, and heartbeat,
-    pre-flight and tenant lookups keep answering 200 (they got 503 when each drop counted
-    against the primary)."""
+    chroma-wire.md 14.9). Many of them through the proxy, in a row: each a clean 502, and
+    heartbeat, pre-flight and tenant lookups keep answering 200 (they got 503 when each drop
+    counted against the primary)."""
     import httpx
 
+    address = proxy.primary_url.split("//")[1].rstrip("/")
     with httpx.Client(base_url=proxy.url, timeout=30) as client:
-        for _ in range(10):
-            dropped = client.get("/api/v2/collections/default_tenant:default_database:nope")
+        for name in ("nope", "foo") * 5:  # twice breaker_failures (5)
+            dropped = client.get(f"/api/v2/collections/default_tenant:default_database:{name}")
             assert dropped.status_code == 502, dropped.text
-            assert dropped.json()["error"] == "ChromaError"
-            assert proxy.primary_url.split("//")[1] not in dropped.text
+            body = dropped.json()
+            assert body["error"] == "ChromaError", body
+            assert "dropped the connection" in body["message"], body
+            assert dropped.headers["X-Request-Id"] in body["message"], body
+            assert address not in dropped.text
         for path in ("/api/v2/heartbeat", "/api/v2/pre-flight-checks",
                      "/api/v2/tenants/default_tenant"):  # fmt: skip
             assert client.get(path).status_code == 200, path

@@ -159,62 +159,227 @@ def _documents_matching(ctx: Filterable, test: Callable[[str], bool]) -> Mask:
 # --- regex: Chroma evaluates with Rust's `regex` crate, which runs in linear time; so does
 # RE2 (google-re2), which evaluates it here, and whose syntax is Rust's but for a few corners.
 # A backtracking engine would let one `(a+)+b` hold a search thread for minutes (issue 12).
-# Patterns are answered locally only where RE2 and Rust are known to agree. ----------------
+# Patterns are answered locally only where RE2 and Rust are known to agree, and where Rust
+# accepts what RE2 accepts: each corner below was measured against `chroma run` 1.5.9. ------
 
-_SAFE_ESCAPES = set(".\\-[](){}*+?|^$/ntr")
+_SAFE_ESCAPES = frozenset(".\\-[](){}*+?|^$/ntr")
 # RE2's \d \w \s \b are ASCII, Rust's Unicode: they agree on plain ASCII documents.
-_CLASS_ESCAPES = set("dDwWsSbB")
-_INLINE = re.compile(r"\(\?([ims]*)(\)|:)")
-_QUANTIFIER = re.compile(r"\{\d+(,\d*)?\}")
-_OPTIONS = re2.Options()
-_OPTIONS.log_errors = False  # a pattern RE2 refuses is forwarded, not logged to stderr
+_PERL_CLASSES = frozenset("dDwWsS")
+_INLINE = re.compile(r"\(\?([ims]+\)|[ims]*:)")  # Rust refuses `(?)`; RE2 takes it
+# RE2 reads `{01}` and `{4294967295}` as literal text, Rust as repetitions (the second an error)
+_COUNTED = re.compile(r"\{(0|[1-9][0-9]{0,3})(,(0|[1-9][0-9]{0,3})?)?\}")
+_POSIX = re.compile(r"\[:(\^?)[a-z]+:\]")  # the only `[` RE2 and Rust both allow in a class
+_MAX_REPEAT = 1000  # RE2 refuses more; Rust takes it: forwarded
+# Rust refuses patterns nested deeper than 250 (group, alternation, concatenation and
+# repetition count one each, so at most 4 per group); RE2 allows 1,000.
+_MAX_GROUP_DEPTH = 50
+# Rust refuses a pattern whose compiled program exceeds 10 MiB; RE2's ASCII classes are far
+# smaller, so RE2 takes e.g. \w{300} or \D{1000}, which the primary answers with a 500. The cost
+# below bounds Rust's size from above, with a margin of at least 2 on each kind of atom as
+# measured (Rust allows 209 copies of \w, 822 of \D, 10,400 of `.`, over 200,000 of `a`).
+_MAX_COST = 10_000
+_ATOM_COST = 4
+_PERL_CLASS_COST = 100
+
+
+class _Searcher(Protocol):
+    def search(self, text: str) -> object: ...
 
 
 class DocumentRegex:
     __slots__ = ("needs_plain_ascii", "regex")
 
-    def __init__(self, regex: Any, needs_plain_ascii: bool) -> None:
-        self.regex = regex  # re2._Regexp: .search(text) is None or a match
+    def __init__(self, regex: _Searcher, needs_plain_ascii: bool) -> None:
+        self.regex = regex  # .search(text) is None or a match
         self.needs_plain_ascii = needs_plain_ascii
+
+
+def _re2_options() -> Any:
+    options = re2.Options()
+    options.log_errors = False  # a pattern RE2 refuses is forwarded, not logged to stderr
+    options.never_capture = True  # only whether a document matches is asked
+    return options
+
+
+_OPTIONS = _re2_options()
 
 
 def document_regex(pattern: str) -> DocumentRegex:
     """Compile ``pattern`` with RE2 if it means there what it means to Rust's `regex`; else
     NotLocal (the primary answers, including its own error for an invalid pattern).
 
-    Both agree on: literals, `.`, classes (POSIX ones included: ASCII in both), `^` and `$`
-    (end of text only, unlike Python's `$`), alternation, groups and non-capturing groups,
-    greedy and lazy quantifiers, counted repetition up to RE2's 1,000, the inline flags
-    i, m, s. Not local: escapes other than punctuation and \\n \\t \\r (Unicode classes
-    \\p{..}, \\x.., \\A/\\z differ or are Rust-only), look-arounds and back-references (Rust
-    refuses them: an error the primary gives), named groups, class set operations (`&&`,
-    `--`, `~~`: Rust only), and a `{` that is not a repetition."""
-    needs_ascii = False
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            nxt = pattern[i + 1 : i + 2]
-            if nxt in _CLASS_ESCAPES:
-                needs_ascii = True
-            elif not nxt or nxt not in _SAFE_ESCAPES:
-                raise NotLocal(f"regex escape \\{nxt} is not replicated")
-            i += 2
-            continue
-        if ch == "[" and any(op in pattern[i:] for op in ("&&", "--", "~~")):
-            raise NotLocal("class set operations are not replicated")
-        if ch == "(" and pattern.startswith("(?", i):
-            match = _INLINE.match(pattern, i)
-            if match is None:
-                raise NotLocal("regex group syntax is not replicated")
-            needs_ascii = needs_ascii or "i" in match.group(1)
-        if ch == "{" and not _QUANTIFIER.match(pattern, i):
-            raise NotLocal("a literal { is not replicated")
-        i += 1
+    Local: literals, `.`, classes (POSIX ones: ASCII in both), `^` and `$` (end of text only,
+    unlike Python's `$`), alternation, groups and non-capturing groups, greedy and lazy
+    quantifiers, counted repetition up to 1,000, the inline flags i, m, s; \\d \\w \\s \\b
+    and (?i) on plain ASCII documents only. Forwarded: escapes other than punctuation and
+    \\n \\t \\r (\\p{..}, \\x.., \\A, \\z, \\Q..\\E), look-arounds and back-references,
+    named groups, other flags, nested classes and class set operations, stacked quantifiers,
+    a `{` that is not a repetition, negated classes that might be empty, deep nesting and
+    patterns Rust may find too large to compile (see _MAX_COST)."""
+    scan = _RegexScan(pattern)
+    scan.run()
     try:
-        return DocumentRegex(re2.compile(pattern, _OPTIONS), needs_ascii)
+        return DocumentRegex(re2.compile(pattern, _OPTIONS), scan.needs_ascii)
     except re2.error as exc:  # the primary will explain in its own words
         raise NotLocal(f"regex does not compile: {exc}") from None
+
+
+class _RegexScan:
+    """One pass over a pattern: raises NotLocal at the first token RE2 and Rust may read
+    differently, and adds up an upper bound of the size Rust compiles the pattern to."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.i = 0
+        self.needs_ascii = False
+        # Per open group, the cost so far; `last` is the cost of the atom a quantifier would
+        # repeat (None: nothing to repeat, or it was just repeated).
+        self.costs = [0]
+        self.last: int | None = None
+
+    def run(self) -> None:
+        while self.i < len(self.pattern):
+            self._token(self.pattern[self.i])
+        if sum(self.costs) > _MAX_COST:
+            raise NotLocal("regex may exceed the primary's compiled size limit")
+
+    def _token(self, ch: str) -> None:
+        if ch in "*+?{":
+            return self._quantifier(ch)
+        if ch == "(":
+            return self._open()
+        if ch == ")":
+            return self._close()
+        if ch == "|":
+            self._advance(1, _ATOM_COST, repeatable=False)
+        elif ch == "\\":
+            self._advance(2, self._escape(self.pattern[self.i + 1 : self.i + 2]))
+        elif ch == "[":
+            self._class()
+        else:
+            self._advance(1, _ATOM_COST)
+
+    def _advance(self, width: int, cost: int, repeatable: bool = True) -> None:
+        self.i += width
+        self.costs[-1] += cost
+        self.last = cost if repeatable else None
+
+    def _escape(self, nxt: str) -> int:
+        if nxt in _PERL_CLASSES or nxt in ("b", "B"):
+            self.needs_ascii = True
+            return _PERL_CLASS_COST if nxt in _PERL_CLASSES else _ATOM_COST
+        if nxt and nxt in _SAFE_ESCAPES:
+            return _ATOM_COST
+        raise NotLocal(f"regex escape \\{nxt} is not replicated")
+
+    def _quantifier(self, ch: str) -> None:
+        if self.last is None:  # `x(?i)*` is an error in Rust, not in RE2; `a{2}*` the reverse
+            raise NotLocal("a quantifier must follow an atom to be replicated")
+        times, width = 1, 1
+        if ch == "{":
+            times, width = self._counted()
+        if self.pattern.startswith("?", self.i + width):  # lazy: the same set of matches
+            width += 1
+        self.costs[-1] += self.last * (times - 1)
+        self.i += width
+        self.last = None
+
+    def _counted(self) -> tuple[int, int]:
+        """`{n}`, `{n,}`, `{n,m}` → (copies Rust compiles, width)."""
+        match = _COUNTED.match(self.pattern, self.i)
+        if match is None:  # RE2 reads a stray `{` as text, Rust as an error (or \b{start})
+            raise NotLocal("a literal { is not replicated")
+        low, comma, high = match.group(1), match.group(2), match.group(3)
+        copies = int(high) if high else int(low) + (1 if comma else 0)
+        if max(copies, int(low)) > _MAX_REPEAT:
+            raise NotLocal("repetitions over 1,000 are not replicated")
+        return max(copies, 1), match.end() - self.i
+
+    def _open(self) -> None:
+        if self.pattern.startswith("(?", self.i):
+            match = _INLINE.match(self.pattern, self.i)
+            if match is None:  # look-arounds, named groups, other flags
+                raise NotLocal("regex group syntax is not replicated")
+            flags = match.group(1)[:-1]
+            if len(set(flags)) < len(flags):  # `(?ii)`: an error in Rust, not in RE2
+                raise NotLocal("repeated regex flags are not replicated")
+            self.needs_ascii = self.needs_ascii or "i" in flags
+            self.i = match.end()
+            if match.group(1).endswith(")"):  # flags alone: nothing to repeat
+                self.last = None
+                return
+        else:
+            self.i += 1
+        self.costs.append(_ATOM_COST)
+        self.last = None
+        if len(self.costs) > _MAX_GROUP_DEPTH:
+            raise NotLocal("regex nesting is too deep to replicate")
+
+    def _close(self) -> None:
+        if len(self.costs) == 1:
+            raise NotLocal("unbalanced )")  # an error on the primary
+        self.i += 1
+        group = self.costs.pop()
+        self.costs[-1] += group
+        self.last = group
+
+    def _class(self) -> None:
+        """A bracketed class `[...]`. Nested classes and set operations (`&&`, `--`, `~~`) are
+        Rust only (RE2 reads `[a[b]]` as `[a\\[b]` then `]`). A class Rust finds empty makes
+        Chroma refuse the pattern (400, "Byte pattern is not allowed") where RE2 would just
+        not match, so a negated class may hold ASCII characters and at most one positive
+        class (Perl or POSIX), which leaves it some non-ASCII character to match."""
+        start = self.i
+        j = start + 1 + self.pattern.startswith("^", start + 1)
+        negated = j > start + 1
+        j += self.pattern.startswith("]", j)  # a leading ] is text in both
+        members = _ClassMembers()
+        while j < len(self.pattern) and self.pattern[j] != "]":
+            j = members.add(self.pattern, j)
+        if j >= len(self.pattern):
+            raise NotLocal("unclosed class")  # an error on the primary
+        if negated and (members.classes > 1 or not members.ascii_only):
+            raise NotLocal("a negated class that may be empty is not replicated")
+        self.needs_ascii = self.needs_ascii or members.perl > 0
+        cost = _ATOM_COST + (j - start) + _PERL_CLASS_COST * members.perl
+        self._advance(j + 1 - start, cost)
+
+
+class _ClassMembers:
+    """What a bracketed class holds, read one member at a time."""
+
+    def __init__(self) -> None:
+        self.classes = 0  # Perl and POSIX classes; a negated POSIX class counts twice
+        self.perl = 0
+        self.ascii_only = True
+
+    def add(self, pattern: str, j: int) -> int:
+        """Read the member at ``pattern[j]``; return where the next one starts."""
+        if pattern.startswith(("&&", "--", "~~"), j):
+            raise NotLocal("class set operations are not replicated")
+        if pattern[j] == "\\":
+            nxt = pattern[j + 1 : j + 2]
+            if nxt in _PERL_CLASSES:
+                self.classes, self.perl = self.classes + 1, self.perl + 1
+                return _after_class(pattern, j + 2)
+            if not nxt or nxt not in _SAFE_ESCAPES:
+                raise NotLocal(f"regex escape \\{nxt} in a class is not replicated")
+            return j + 2
+        if pattern[j] == "[":
+            posix = _POSIX.match(pattern, j)
+            if posix is None:
+                raise NotLocal("nested classes are not replicated")
+            self.classes += 2 if posix.group(1) else 1
+            return _after_class(pattern, posix.end())
+        self.ascii_only = self.ascii_only and pattern[j].isascii()
+        return j + 1
+
+
+def _after_class(pattern: str, end: int) -> int:
+    # `[\d-z]`: Rust refuses a range from a class, RE2 reads the `-` as text
+    if pattern.startswith("-", end) and not pattern.startswith("-]", end):
+        raise NotLocal("a range next to a class is not replicated")
+    return end
 
 
 def plain_ascii(documents: list[str | None]) -> bool:

@@ -153,10 +153,23 @@ WHERE: list[tuple[Any, Any]] = [
     (None, {"$regex": "alpha$"}),
     (None, {"$regex": "[[:digit:]]{4}"}),
     (None, {"$regex": "(r+o+)+w 1"}),
+    # Unicode in Rust, ASCII in RE2: local because every document is plain ASCII.
+    (None, {"$regex": "(?i)^ROW 1\\d{2} ABOUT"}),
+    (None, {"$regex": "\\bom\\w+a\\b"}),
+    (None, {"$not_regex": "^row \\d+ about (alpha|gamma)"}),
+    (None, {"$regex": "(?m)beta$"}),
+    (None, {"$regex": "[^a-z ]{3} about"}),
+    (None, {"$regex": "\\w{50}|a{1000}"}),  # within Rust's compiled size limit
 ]
-# Filters the replica does not evaluate itself (Rust-only regex syntax): forwarded, and the
-# answer must still be the primary's.
-FORWARDED = [(None, {"$regex": "\\p{Lu}"}), (None, {"$regex": "[0-9&&[^5]]{3}"})]
+# Filters the replica does not evaluate itself (Rust-only regex syntax, or syntax RE2 reads
+# otherwise): forwarded, and the answer must still be the primary's.
+FORWARDED = [
+    (None, {"$regex": "\\p{Lu}"}),
+    (None, {"$regex": "[0-9&&[^5]]{3}"}),
+    (None, {"$regex": "[a[lp]]ha"}),  # a nested class in Rust; RE2 would want "]ha"
+    (None, {"$regex": "row 1{01}0"}),  # a repetition in Rust; RE2 would want "{01}"
+    (None, {"$regex": "\\b{start}gamma"}),  # a word-start assertion in Rust
+]
 
 
 def _query_body(vectors: np.ndarray[Any, Any], where: Any, where_document: Any) -> dict[str, Any]:
@@ -262,6 +275,12 @@ def test_invalid_requests_get_the_primarys_errors(
         ("get", {"where": {"a": 1, "b": 2}}),
         ("get", {"include": ["data"]}),
         ("get", {"where_document": {"$regex": "("}}),
+        # Regexes Rust refuses and RE2 takes: the primary's error, not a local answer.
+        ("get", {"where_document": {"$regex": "\\w{300}"}}),  # Rust's size limit: a 500
+        ("get", {"where_document": {"$regex": "a{4294967295}"}}),
+        ("get", {"where_document": {"$regex": "[^\\s\\S]"}}),  # empty class: 400
+        ("get", {"where_document": {"$regex": "(?ii)row"}}),
+        ("get", {"where_document": {"$regex": "row(?i)*"}}),
         # Found by fuzzing: unhashable values where strings belong were a 500 of the proxy.
         ("query", {"query_embeddings": [[0.0] * DIM], "include": [{}]}),
         ("get", {"include": [[]]}),

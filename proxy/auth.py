@@ -57,6 +57,7 @@ _SCOPED_WRITES = frozenset({
     "delete", "fork",
 })  # fmt: skip
 _DATABASE_WRITES = frozenset({"create_database", "delete_database"})
+_WRITE_ROLE_OPS = _SCOPED_WRITES | _DATABASE_WRITES
 
 
 class TokenFileError(ValueError):
@@ -249,7 +250,7 @@ def _needed(route: Route) -> Role:
     if route.op in _OPEN_OPS:
         return "read"
     if route.kind is RouteClass.WRITE:
-        return "write" if route.op in _SCOPED_WRITES | _DATABASE_WRITES else "admin"
+        return "write" if route.op in _WRITE_ROLE_OPS else "admin"
     if route.op == "unknown":
         return "admin"  # a path this proxy does not know may do anything on the primary
     return "read"

@@ -81,16 +81,17 @@ async def read_body(request: web.Request) -> bytes:
 LIMITED_OPS = frozenset({"get", "query", "add", "upsert", "update", "delete"})
 
 
-def check_limits(request: web.Request, raw: bytes) -> None:
-    """Refuse a record request's body past a limit (400/413); a body that is not JSON is
-    left to the primary's own error."""
+def check_limits(request: web.Request, raw: bytes) -> object:
+    """Refuse a record request's body past a limit (400/413); returns the parsed body (None
+    if there is none, or it is not JSON: the primary gives its own error)."""
     if request[ROUTE].op not in LIMITED_OPS or not raw:
-        return
+        return None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return
+        return None
     request.app[GUARDS].limits.check(body)
+    return body
 
 
 async def forward(request: web.Request, body_bytes: bytes | None = None) -> web.StreamResponse:

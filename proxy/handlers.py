@@ -92,8 +92,8 @@ async def write_applied(request: web.Request) -> web.StreamResponse:
     goes back, so the client's next read finds it there."""
     router = request.app[ROUTER]
     body = await read_body(request)
-    check_limits(request, body)
-    token = router.begin_write(request[ROUTE], body)
+    parsed = check_limits(request, body)
+    token = router.begin_write(request[ROUTE], parsed, applies=True)
     try:
         response, _ = await forward_buffered(request, body)
         await router.settle(token, response.status)

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 
 from index.errors import NotLocal, ReplayFailed
 from index.filters import Filter, parse_where, parse_where_document
@@ -84,12 +83,8 @@ class Planned:
     delete_filters: list[Filter] = field(default_factory=list)
 
 
-def plan_write(op: str, raw: bytes) -> Planned:
-    """The ops a write's body means (NotLocal: not one this module replays exactly)."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise NotLocal("body is not JSON") from None
+def plan_write(op: str, body: object) -> Planned:
+    """The ops a write's parsed body means (NotLocal: not one this module replays exactly)."""
     if not isinstance(body, dict):
         raise NotLocal("body is not an object")
     if op == "delete":
@@ -226,7 +221,7 @@ class WriteOverlay:
         self._compact = compact  # asks for a rebuild of a collection
         self._follows: dict[str, Follow] = {}
         self._keys = 0
-        self.ended: dict[str, int] = {}  # follows ended, by reason (for /metrics)
+        self.ended: dict[str, int] = {}  # follows ended, by reason (for /admin/status)
 
     def close(self) -> None:
         """Blocking: wait for an apply under way (hnswlib must not be freed mid-insert)."""
@@ -238,19 +233,17 @@ class WriteOverlay:
         follow = self._follows.get(collection_id)
         return 0 if follow is None else len(follow.pending) + follow.uncounted
 
-    def following(self, collection_id: str) -> Follow | None:
-        return self._follows.get(collection_id)
-
     # --- the write path -----------------------------------------------------------------------
 
-    def begin(self, route: Route, raw: bytes) -> Ticket | None:
-        """Before a write is forwarded (and counted): a ticket if its effect will be applied
-        locally, else None (and any follow of the collection ends)."""
+    def begin(self, route: Route, body: object) -> Ticket | None:
+        """Before a write (``body``: its parsed JSON) is forwarded and counted: a ticket if
+        its effect will be applied locally, else None (and any follow of the collection
+        ends)."""
         cid = route.collection
-        if cid is None or route.op not in ("add", "upsert", "update", "delete"):
+        if cid is None:
             return None
         try:
-            planned = plan_write(route.op, raw)
+            planned = plan_write(route.op, body)
         except NotLocal as exc:
             self.end(cid, "not_replayable", str(exc))
             return None
@@ -278,19 +271,27 @@ class WriteOverlay:
             f"counter {writes.seq(cid)} + {follow.uncounted} uncounted, applied "
             f"{follow.covered}; {writes.in_flight(cid)} in flight, {in_flight} this one's"
         )
-        self.end(cid, "foreign_write", detail)  # fmt: skip
+        self.end(cid, "foreign_write", detail)
         return False
 
     def _start(self, cid: str) -> Follow | None:
         """Follow a collection whose replica includes every write counted and none in flight."""
-        replica = self._replicas.get(cid)
-        if replica is None or isinstance(replica, LiveView) or replica.directory is None:
+        replica = self._snapshot(cid)
+        if replica is None:
             return None
         covers = replica.covers_write_seq
         if covers < 0 or covers != self._writes.seq(cid) or self._writes.busy(cid):
             return None
         follow = self._follows[cid] = Follow(covers, covers)
         return follow
+
+    def _snapshot(self, cid: str) -> ReplicaIndex | None:
+        """The collection's serving replica if it is a snapshot on disk (its graph can be
+        copied from there), not a view already following writes."""
+        replica = self._replicas.get(cid)
+        if replica is None or isinstance(replica, LiveView) or replica.directory is None:
+            return None
+        return replica
 
     async def settle(self, ticket: Ticket, status: int | None) -> bool:
         """After the primary answered ``status`` (None: no answer), before the write is
@@ -334,8 +335,8 @@ class WriteOverlay:
         """In a worker thread: the write's ops on the follow's replica; its new view."""
         live = follow.live
         if live is None:
-            replica = self._replicas.get(cid)
-            if replica is None or isinstance(replica, LiveView) or replica.directory is None:
+            replica = self._snapshot(cid)
+            if replica is None:
                 raise ReplayFailed("the replica changed before the first write was applied")
             live = follow.live = LiveReplica.from_snapshot(replica, _private_graph(replica))
         ops = planned.ops
@@ -363,10 +364,6 @@ class WriteOverlay:
             self.ended[reason] = self.ended.get(reason, 0) + 1
             log.info("collection %s: local writes stop (%s: %s); rebuilds cover them", cid,
                      reason, detail)  # fmt: skip
-
-    def end_all(self, reason: str) -> None:
-        for cid in list(self._follows):
-            self.end(cid, reason)
 
     # --- rebuilds -----------------------------------------------------------------------------
 

@@ -235,7 +235,7 @@ class ReplicaRouter:
             and self.replicas.get(route.collection) is not None
         )
 
-    def begin_write(self, route: Route, body: bytes | None = None) -> WriteToken:
+    def begin_write(self, route: Route, body: object = None, applies: bool = False) -> WriteToken:
         """Before a write is forwarded: mark the collection busy so reads go to the primary."""
         cid = self._written_collection(route)
         if route.op == "reset":
@@ -248,7 +248,7 @@ class ReplicaRouter:
             self.tracker.bump_all()
         token = WriteToken(route, cid)
         if cid is not None:
-            if self.overlay is not None and body is not None:
+            if self.overlay is not None and applies:  # applies_writes(): body parsed
                 token.ticket = self.overlay.begin(route, body)
             elif self.overlay is not None:
                 self.overlay.end(cid, "other_write", route.op)

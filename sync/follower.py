@@ -19,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from index.errors import SnapshotError
 from index.holder import ReplicaSet
+from index.live import LiveReplica
+from index.replica import ReplicaIndex
 
 from .build import open_snapshot
 from .logstream import BuilderLog
@@ -50,6 +54,7 @@ class StoreFollower:
         self.log = log
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._refused: set[Path] = set()
+        self._unfollowable: set[Path] = set()  # takes, without builder_url to follow them
         self._task: asyncio.Task[None] | None = None
         self._asking: set[asyncio.Task[None]] = set()
         self.building: str | None = None  # the collection being loaded
@@ -177,59 +182,56 @@ class StoreFollower:
                 return True
         elif serving is not None and serving.generation >= int(snapshot.name):
             return True
+        take = await asyncio.to_thread(is_take, snapshot)
+        if take and self.log is None:
+            # A builder's take of the primary's storage is followed through its log stream,
+            # which needs builder_url. An older (export) generation would be staler than the
+            # primary, so the collection's reads are forwarded.
+            if snapshot not in self._unfollowable:
+                self._unfollowable.add(snapshot)
+                log.warning("%s is a take of the primary's storage: following it needs "
+                            "builder_url; reads of it are forwarded", snapshot)  # fmt: skip
+            return True
         if snapshot in self._refused:
             return False
-        if await asyncio.to_thread(is_take, snapshot):
-            return await self._consider_take(snapshot)
-        self.building = snapshot.parent.name
-        try:
-            replica = await asyncio.to_thread(
-                open_snapshot, snapshot, self._settings.validate, self._settings.write_ledger
-            )
-        except (SnapshotError, OSError, RuntimeError, ValueError) as exc:
-            if not await asyncio.to_thread(snapshot.exists):  # pruned by the builder meanwhile
-                return False
-            self._refused.add(snapshot)
-            self.last_error = f"refused {snapshot}: {exc}"
-            log.error("refusing snapshot %s (still serving the previous one): %s", snapshot, exc)
+        settings = self._settings
+        opener = partial(open_snapshot, validate=settings.validate,
+                         write_ledger=settings.write_ledger)  # fmt: skip
+        loaded = await self._load(snapshot, open_take if take else opener)
+        if loaded is None:
             return False
-        finally:
-            self.building = None
-        self._replicas.swap(replica)
         self.loads += 1
+        if isinstance(loaded, LiveReplica):
+            assert self.log is not None
+            self.log.follow(loaded, int(snapshot.name))
+            log.info("collection %s: take %s serving at log position %d (%d rows), following "
+                     "the builder's log", cid, snapshot.name, loaded.position,
+                     len(loaded.base.ids))  # fmt: skip
+            return True
+        self._replicas.swap(loaded)
         log.info(
             "replica %s (%s) generation %d serving: %d rows",
-            replica.manifest.collection["name"],
-            replica.collection_id,
-            replica.generation,
-            replica.n,
+            loaded.manifest.collection["name"],
+            loaded.collection_id,
+            loaded.generation,
+            loaded.n,
         )
         return True
 
-    async def _consider_take(self, snapshot: Path) -> bool:
-        """A builder's take of the primary's storage: served and followed through its log
-        stream, which only a replica configured with builder_url has."""
-        if self.log is None:
-            if snapshot not in self._refused:
-                log.warning("%s is a take of the primary's storage: following it needs "
-                            "builder_url; reads of it are forwarded", snapshot)  # fmt: skip
-                self._refused.add(snapshot)
-            return True  # an older (export) generation would be staler than forwarding
+    async def _load(
+        self, snapshot: Path, opener: Callable[[Path], ReplicaIndex | LiveReplica]
+    ) -> ReplicaIndex | LiveReplica | None:
+        """Verify and load a snapshot in a worker thread; None if it is refused (logged and
+        remembered) or was pruned by the builder meanwhile."""
         self.building = snapshot.parent.name
         try:
-            live = await asyncio.to_thread(open_take, snapshot)
+            return await asyncio.to_thread(opener, snapshot)
         except (SnapshotError, OSError, RuntimeError, ValueError) as exc:
-            if not await asyncio.to_thread(snapshot.exists):
-                return False
-            self._refused.add(snapshot)
-            self.last_error = f"refused {snapshot}: {exc}"
-            log.error("refusing take %s: %s", snapshot, exc)
-            return False
+            if await asyncio.to_thread(snapshot.exists):
+                self._refused.add(snapshot)
+                self.last_error = f"refused {snapshot}: {exc}"
+                log.error("refusing snapshot %s (still serving the previous one): %s",
+                          snapshot, exc)  # fmt: skip
+            return None
         finally:
             self.building = None
-        self.log.follow(live, int(snapshot.name))
-        self.loads += 1
-        log.info("collection %s: take %s serving at log position %d (%d rows), following the "
-                 "builder's log", live.collection_id, snapshot.name, live.position,
-                 len(live.base.ids))  # fmt: skip
-        return True

@@ -19,18 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
 import orjson
 
 from index.holder import ReplicaSet
-from index.live import LiveReplica, LiveView
+from index.live import LiveReplica
 
 from .published import decode_ops
+from .waiting import serves_position, until
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +108,12 @@ class BuilderLog:
 
     async def wait_applied(self, collection_id: str, seq: int, timeout_s: float) -> bool:
         """Wait until the collection's served view includes log position ``seq``."""
-        deadline = time.monotonic() + timeout_s
-
-        def applied() -> bool:
-            view = self._replicas.get(collection_id)
-            return isinstance(view, LiveView) and view.position >= seq
-
-        async with self._applied:
-            while not applied():
-                left = deadline - time.monotonic()
-                if left <= 0 or collection_id not in self._streams:
-                    return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._applied.wait(), left)
-        return True
+        return await until(
+            self._applied,
+            partial(serves_position, self._replicas, collection_id, seq),
+            timeout_s,
+            give_up=lambda: collection_id not in self._streams,
+        )
 
     def status(self) -> dict[str, Any]:
         return {

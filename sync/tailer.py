@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from index.holder import ReplicaSet
-from index.live import LiveReplica, LiveView, Op
+from index.live import LiveReplica, Op
 from index.snapshot import prune
 
 from .published import publish_take
@@ -59,6 +59,7 @@ from .storage import (
     segment_seqs,
 )
 from .take import UnknownEncoding, decode, take
+from .waiting import serves_position, until
 
 log = logging.getLogger(__name__)
 
@@ -326,23 +327,13 @@ class StorageTailer:
     async def wait_applied(self, collection_id: str, seq: int, timeout_s: float) -> bool:
         """Wait until the collection's replica includes log position ``seq``; False on time out
         (or when it is not followed). The tailer polls at once instead of at its next tick."""
-        deadline = time.monotonic() + timeout_s
-
-        def applied() -> bool:
-            # What requests are given (the swapped-in view), not the owner, whose position
-            # moves before its new view is swapped in.
-            view = self._replicas.get(collection_id)
-            return isinstance(view, LiveView) and view.position >= seq
-
-        async with self._applied:
-            while not applied():
-                left = deadline - time.monotonic()
-                if left <= 0 or collection_id not in self._followed:
-                    return False
-                self._kick.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._applied.wait(), left)
-        return True
+        return await until(
+            self._applied,
+            partial(serves_position, self._replicas, collection_id, seq),
+            timeout_s,
+            give_up=lambda: collection_id not in self._followed,
+            nudge=self._kick.set,
+        )
 
     async def _notify_applied(self) -> None:
         async with self._applied:
@@ -576,7 +567,6 @@ class StorageTailer:
         ``offset``-th on, once there are some or the collection's position passed
         ``position`` (else after ``wait_s``): (position, rows, when the position was last
         confirmed current). None if that take is not the one followed (any more)."""
-        deadline = time.monotonic() + wait_s
 
         def moved() -> bool:
             f = self._followed.get(cid)
@@ -584,10 +574,7 @@ class StorageTailer:
                 return True
             return len(f.journal) > offset or f.live.position > position
 
-        async with self._applied:
-            while not moved() and (left := deadline - time.monotonic()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._applied.wait(), left)
+        await until(self._applied, moved, wait_s)
         f = self._followed.get(cid)
         if f is None or f.published != generation or f.live is None or offset > len(f.journal):
             return None

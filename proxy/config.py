@@ -140,6 +140,17 @@ class Config:
     max_metadata_bytes: int = _key(
         "Largest metadata of one row in a write, as JSON bytes: larger is a 413.", 1024 * 1024
     )
+    max_header_bytes: int = _key(
+        "Longest request line (method and URL) or header (name and value), in bytes: longer "
+        "is a 431. The Chroma clients send a few short headers; a token is under 100 bytes.",
+        16 * 1024,
+    )
+    max_headers: int = _key(
+        "Most headers in one request: more is a 431. The Chroma clients send under ten; the "
+        "primary answers 431 past 100, and a forwarded request carries a few more than it came "
+        "with (X-Forwarded-For, X-Request-Id...).",
+        64,
+    )
     heartbeat_interval_s: float = _key(
         "How often the primary is probed for /readyz and the primary_up metric.", 2.0
     )
@@ -393,6 +404,8 @@ class Config:
             "max_where_nodes",
             "max_document_bytes",
             "max_metadata_bytes",
+            "max_header_bytes",
+            "max_headers",
         ):
             _check_positive(name, getattr(self, name))
         for name in (

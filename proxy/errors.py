@@ -9,6 +9,8 @@
      ├── RateLimited                   429  over the tenant's request rate (with Retry-After)
      ├── RequestTooLarge               413  body over max_body_bytes
      ├── BadRequest                    400  a proxy-specific header or admin request is invalid
+     ├── HeadersTooLarge               431  a header or the request line over max_header_bytes,
+     │                                      or more than max_headers headers
      ├── Unauthorized                  401  admin API without the right token
      ├── Forbidden                     403  admin API switched off (no admin_token)
      ├── NotFound                      404  an admin request names an unknown collection
@@ -28,6 +30,7 @@ import math
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,10 @@ class BadRequest(ProxyError):
     error_name = "InvalidArgumentError"
 
 
+class HeadersTooLarge(ProxyError):
+    status = 431
+
+
 class Unauthorized(ProxyError):
     status = 401
     error_name = "AuthError"
@@ -139,3 +146,22 @@ def to_response(exc: BaseException, rid: str = "") -> web.Response:
     return error_response(
         500, "InternalError", f"replica-proxy: internal error (see proxy log){see_log}"
     )
+
+
+def malformed_request_response(
+    exc: BaseException, max_header_bytes: int, max_headers: int
+) -> web.Response:
+    """What a request aiohttp could not parse as HTTP gets (instead of its plain-text 400):
+    Chroma's error shape, and 431 for the size limits. The message never quotes the request:
+    the offending line may be a token."""
+    if isinstance(exc, LineTooLong):
+        error: ProxyError = HeadersTooLarge(
+            f"a header or the request line is longer than max_header_bytes={max_header_bytes}"
+        )
+    elif isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message:
+        error = HeadersTooLarge(f"more than max_headers={max_headers} headers")
+    else:
+        error = BadRequest(f"malformed HTTP request ({type(exc).__name__})")
+    resp = to_response(error)
+    resp.force_close()  # the parser cannot find where the next request starts
+    return resp

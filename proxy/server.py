@@ -19,8 +19,12 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from sync.tailer import StorageTailer
 
@@ -28,6 +32,7 @@ from . import __version__
 from .app import AccessLogger, build_app
 from .config import Config
 from .embedded import EmbeddedPrimary
+from .errors import malformed_request_response
 from .ledger import LISTENING, Ledger
 from .sample import NAME as SAMPLE_NAME
 from .state import CONFIG, METRICS, ROUTER, STATE
@@ -93,9 +98,58 @@ async def serve_worker(config: Config, worker: Worker) -> None:
             shutil.rmtree(worker.run_dir, ignore_errors=True)
 
 
+class _Connection(RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse (over a header limit,
+    malformed) in Chroma's error shape rather than as plain text."""
+
+    def __init__(self, manager: web.Server, *, limits: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.limits = limits  # max_header_bytes, max_headers
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        # Logged without the exception's text: it quotes the offending line, maybe a token.
+        log.info("malformed request from %s: %s", request.remote, type(exc).__name__)
+        return malformed_request_response(exc, *self.limits)
+
+
+class _Server(web.Server):
+    limits: tuple[int, int]
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, limits=self.limits, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    def __init__(self, app: web.Application, config: Config, **kwargs: Any) -> None:
+        self.limits = (config.max_header_bytes, config.max_headers)
+        super().__init__(
+            app,
+            max_line_size=config.max_header_bytes,
+            max_field_size=config.max_header_bytes,
+            max_headers=config.max_headers,
+            **kwargs,
+        )
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # its connections are _Connections; nothing else changes
+        assert isinstance(server, _Server)
+        server.limits = self.limits
+        return server
+
+
 async def _listen(app: web.Application, config: Config, *, reuse_port: bool) -> web.AppRunner:
-    runner = web.AppRunner(
+    runner = _Runner(
         app,
+        config,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("proxy.access") if config.access_log else None,
         shutdown_timeout=config.drain_timeout_s,

@@ -4,6 +4,8 @@ and write paths alike; requests just under a limit go through."""
 
 from __future__ import annotations
 
+import json
+import socket
 from typing import Any
 
 import httpx
@@ -65,3 +67,47 @@ def test_just_under_the_limits_goes_through(proxy: ProxyProcess, cid: str) -> No
         assert got.status_code == 200, got.text
         query = {"query_embeddings": [[1.0, 0.0]] * 100, "n_results": 2, "include": []}
         assert client.post(f"{path}/query", json=query).status_code == 200
+
+
+def _raw(proxy: ProxyProcess, head: bytes) -> tuple[int, bytes]:
+    """Send a request as bytes (a client library might refuse to); the status and body."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+HEARTBEAT = b"GET /api/v2/heartbeat HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "key"),
+    [
+        (b"Authorization: Bearer " + b"s3cret" * 3000 + b"\r\n", 431, "max_header_bytes"),
+        (b"".join(b"X-Header-%d: v\r\n" % i for i in range(63)), 431, "max_headers"),
+        (b"Content-Length: twelve\r\n", 400, "malformed HTTP request"),
+    ],
+    ids=["max_header_bytes", "max_headers", "malformed"],
+)
+def test_headers_past_a_limit_or_malformed_get_chromas_error_shape(
+    proxy: ProxyProcess, extra: bytes, status: int, key: str
+) -> None:
+    got, body = _raw(proxy, HEARTBEAT + extra + b"\r\n")
+    assert got == status, body
+    error = json.loads(body)
+    assert key in error["message"]
+    assert error["error"] in ("ChromaError", "InvalidArgumentError")
+    assert b"s3cret" not in body and "s3cret" not in proxy.logs()  # the line is never quoted
+
+
+def test_headers_just_under_the_limits_go_through(proxy: ProxyProcess) -> None:
+    # The primary itself takes far larger headers (a 500 kB one) and answers 431 past 100.
+    # Forwarded, so the primary sees them with the headers the proxy adds.
+    big = b"X-Big: " + b"a" * (16 * 1024 - len("X-Big") - 8) + b"\r\n"
+    many = b"".join(b"X-Header-%d: v\r\n" % i for i in range(62))  # + Host, Connection
+    for extra in (big, many):
+        status, body = _raw(proxy, HEARTBEAT + extra + b"\r\n")
+        assert status == 200, body

@@ -24,6 +24,7 @@ and database are what the scope is checked against, and must be the path's.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import logging
 import os
@@ -266,8 +267,10 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 def audit_event(request: web.BaseRequest, event: str, **fields: Any) -> None:
     """One JSON line in the audit log (logger proxy.audit): never a token or auth header."""
-    record = {"event": event, "request_id": request_id(request), "peer": request.remote,
-              "method": request.method, "path": request.rel_url.path, **fields}  # fmt: skip
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    record = {"time": when, "event": event, "request_id": request_id(request),
+              "peer": request.remote, "method": request.method, "path": request.rel_url.path,
+              **fields}  # fmt: skip
     audit.info("%s", _json(record))
 
 

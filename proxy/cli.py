@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.handlers
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -147,14 +148,23 @@ def update_docs(path: Path) -> None:
     path.write_text(text[:start] + docs_table() + text[end:], encoding="utf-8")
 
 
-def configure_logging(level: str, worker: int | None = None) -> None:
-    """Log lines to stderr; with several worker processes, each line names its worker."""
+def configure_logging(level: str, worker: int | None = None, audit_file: str | None = None) -> None:
+    """Log lines to stderr; with several worker processes, each line names its worker. The
+    audit log (proxy.audit) goes to ``audit_file`` alone when there is one: every worker
+    appends its own lines to it, one write each."""
     who = "" if worker is None else f"[w{worker}] "
     logging.basicConfig(
         level=level.upper(),
         format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if audit_file is not None:
+        handler = logging.handlers.WatchedFileHandler(audit_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(message)s"))  # each record is a JSON line
+        audit = logging.getLogger("proxy.audit")
+        audit.addHandler(handler)
+        audit.setLevel(logging.INFO)  # audited whatever log_level says
+        audit.propagate = False
 
 
 def _run(config: Config) -> None:
@@ -192,8 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level, 0 if config.workers > 1 else None)
     try:
+        configure_logging(
+            config.log_level, 0 if config.workers > 1 else None, config.audit_log_file
+        )
         _run(config)
     except (EmbeddedPrimaryError, StorageUnusable) as exc:
         logging.getLogger(PROG).error("%s", exc)

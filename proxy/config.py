@@ -258,6 +258,13 @@ class Config:
         None,
         metavar="FILE",
     )
+    audit_log_file: str | None = _key(
+        "Write the audit log (JSON lines: auth failures, refusals, admin actions, resets and "
+        "deletes, with the token's name, never the token) to this file instead of the main "
+        "log. Reopened when it is moved or removed (logrotate).",
+        None,
+        metavar="FILE",
+    )
     tls_cert_file: str | None = _key(
         "PEM certificate (chain) of the HTTPS listener; with tls_key_file. Unset: plain "
         "HTTP. Reloaded on SIGHUP.",

@@ -271,7 +271,7 @@ def main(argv: list[str]) -> int:
     from .cli import configure_logging, run_loop
     from .server import serve_worker
 
-    configure_logging(config.log_level, index)
+    configure_logging(config.log_level, index, config.audit_log_file)
     run_loop(config, serve_worker(config, Worker(index, config.workers, ledger, run_dir)))
     return 0
 

@@ -5,6 +5,7 @@ path; the file reloaded under load; the admin API behind the admin role; the Pyt
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import threading
 import time
@@ -233,3 +234,39 @@ def test_the_tokens_file_is_reloaded_under_load(secured: Any, tenants: dict[str,
         tokens_file.write_text(original)
     assert failures == []
     assert "tokens file not reloaded" in proxy.logs()
+
+
+def test_the_audit_log_file(chroma: ChromaServer, tenants: dict[str, Any], tmp_path: Path) -> None:
+    """audit_log_file: JSON lines there and not in the main log, never a token, and a new
+    file after logrotate moves the old one away."""
+    plain, text = _tokens(ops=("admin", ["*/*"]))
+    (tmp_path / "tokens.toml").write_text(text)
+    audit_file = tmp_path / "audit.jsonl"
+    proc = ProxyProcess(
+        "--primary", chroma.url, "--tokens-file", str(tmp_path / "tokens.toml"),
+        "--audit-log-file", str(audit_file), "--replicate", "",
+        "--data-dir", str(tmp_path / "data"), log_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        path = f"{proc.url}{tenants['a']['path']}/count"
+        with httpx.Client(timeout=60) as client:
+            assert client.get(path, headers=_as("wrong-" + plain["ops"])).status_code == 401
+            assert client.post(f"{proc.url}/api/v2/reset", headers=_as(plain["ops"])).is_error
+            wait_until(
+                lambda: audit_file.exists() and len(audit_file.read_text().splitlines()) >= 2,
+                10,
+                "audit",
+            )
+            records = [json.loads(line) for line in audit_file.read_text().splitlines()]
+            assert [r["event"] for r in records] == ["auth_failed", "reset"]
+            assert records[1]["token"] == "ops" and records[1]["status"] is not None
+            assert all("time" in r and "request_id" in r and "peer" in r for r in records)
+            audit_file.rename(tmp_path / "audit.jsonl.1")  # as logrotate does
+            assert client.get(path, headers={}).status_code == 401
+            wait_until(audit_file.exists, 10, "a new audit file")
+            assert json.loads(audit_file.read_text())["event"] == "auth_failed"
+    finally:
+        assert proc.stop() == 0, proc.logs()
+    written = audit_file.read_text() + (tmp_path / "audit.jsonl.1").read_text()
+    assert plain["ops"] not in written and plain["ops"] not in proc.logs()
+    assert "auth_failed" not in proc.logs()  # the main log is kept free of it

@@ -36,6 +36,7 @@ from .state import (
     CONFIG,
     GUARDS,
     METRICS,
+    ON_SIGHUP,
     ROUTE,
     ROUTER,
     SOURCE,
@@ -73,6 +74,7 @@ def build_app(config: Config, primary_url: str, worker: Worker | None = None) ->
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STATE] = ProxyState()
+    app[ON_SIGHUP] = []
     app[UPSTREAM] = Upstream(primary_url, config, metrics)
     app[GUARDS] = guards = Guards.from_config(config, metrics)
     ledger = None
@@ -138,6 +140,8 @@ async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
             guard.reload("SIGHUP")
         if context is not None:
             reload_tls(context, app[CONFIG])
+        for hook in app[ON_SIGHUP]:
+            hook()
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, on_sighup)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import logging.handlers
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -176,6 +177,9 @@ def _run(config: Config) -> None:
 def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
     """Run the proxy's main coroutine on uvloop, with the configured GIL switch interval."""
     sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
+    # Until the app's handler is in place (proxy/app.py), a SIGHUP sent to reload must not
+    # stop the process, as the default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows

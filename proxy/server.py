@@ -35,7 +35,7 @@ from .embedded import EmbeddedPrimary
 from .errors import malformed_request_response
 from .ledger import LISTENING, Ledger
 from .sample import NAME as SAMPLE_NAME
-from .state import CONFIG, METRICS, ROUTER, STATE
+from .state import CONFIG, METRICS, ON_SIGHUP, ROUTER, STATE
 from .tls import TLS
 from .workers import Worker, Workers, first_worker, until_orphaned
 
@@ -64,6 +64,7 @@ async def serve(config: Config) -> None:
         if first is not None:
             workers = Workers(config, primary_url, _address(config, runner), first)
             workers.start()
+            app[ON_SIGHUP].append(workers.reload)
             supervisor = asyncio.create_task(workers.supervise(), name="worker-supervisor")
             stack.push_async_callback(_cancel, supervisor)
             await _until_listening(first.ledger, config.workers, config.embedded_start_timeout_s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -44,6 +44,9 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 ROUTER = web.AppKey("router", ReplicaRouter)
 GUARDS = web.AppKey("guards", Guards)
 WORKER = web.AppKey("worker", Worker)  # only with several worker processes
+# Run on SIGHUP after this process's own reloads: worker 0 passes the signal on to the others
+# (they run in sessions of their own, so `kill -HUP` of the proxy's pid reaches worker 0 only).
+ON_SIGHUP = web.AppKey("on_sighup", list[Callable[[], None]])
 
 # Per-request values (request[KEY]).
 ROUTE = web.RequestKey("route", Route)

@@ -166,6 +166,12 @@ class Workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
+    def reload(self) -> None:
+        """Pass SIGHUP on: each worker reloads its own tokens file and TLS certificate."""
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
     async def wait(self, timeout_s: float) -> None:
         """Wait for the workers to finish draining; kill any still running after that."""
         for index, proc in self._procs.items():

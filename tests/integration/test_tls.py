@@ -77,9 +77,15 @@ def test_mtls_refuses_a_client_without_a_certificate(chroma: ChromaServer, tmp_p
         assert proxy.stop() == 0, proxy.logs()
 
 
-def test_a_renewed_certificate_is_loaded_on_sighup(chroma: ChromaServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_renewed_certificate_is_loaded_on_sighup(
+    chroma: ChromaServer, tmp_path: Path, workers: int
+) -> None:
+    """With workers, the signal sent to the proxy's pid reaches every worker: each of 20 new
+    connections (spread over them by the kernel) gets the new certificate."""
     chain, key, first = _files(trustme.CA(), tmp_path / "old")
-    proxy = _https(chroma, tmp_path, "--tls-cert-file", chain, "--tls-key-file", key)
+    proxy = _https(chroma, tmp_path, "--tls-cert-file", chain, "--tls-key-file", key,
+                   "--workers", str(workers))  # fmt: skip
     try:
         assert httpx.get(proxy.url + HEARTBEAT, verify=_trusting(first)).status_code == 200
         new_chain, new_key, second = _files(trustme.CA(), tmp_path / "new")
@@ -94,7 +100,8 @@ def test_a_renewed_certificate_is_loaded_on_sighup(chroma: ChromaServer, tmp_pat
                 return False
 
         wait_until(renewed, 20, "the renewed certificate")
-        assert "TLS certificate reloaded" in proxy.logs()
+        wait_until(lambda: proxy.logs().count("TLS certificate reloaded") == workers, 20, "all")
+        assert all(renewed() for _ in range(20))
     finally:
         assert proxy.stop() == 0, proxy.logs()
 

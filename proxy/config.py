@@ -133,8 +133,7 @@ class Config:
         "Most parts (operators, keys, values) in one filter: more is a 400.", 10_000
     )
     max_document_bytes: int = _key(
-        "Largest document in a write, UTF-8 bytes: larger is a 413. (Write bodies over 8 MiB "
-        "stream through unchecked.)",
+        "Largest document in a write, UTF-8 bytes: larger is a 413.",
         4 * 1024 * 1024,
     )
     max_metadata_bytes: int = _key(

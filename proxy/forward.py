@@ -15,7 +15,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import RequestTooLarge, UpstreamError
+from .errors import ProxyError, RequestTooLarge, UpstreamError
+from .limits import StreamedLimits
 from .state import CONFIG, GUARDS, METRICS, ROUTE, SOURCE, UPSTREAM, request_id, stamp
 from .upstream import CHUNK_BYTES, request_headers, response_headers
 
@@ -23,26 +24,36 @@ log = logging.getLogger(__name__)
 
 
 class LimitedBody:
-    """The request body as a stream, refused once it passes ``limit`` bytes.
+    """The request body as a stream, refused once it passes ``limit`` bytes or, with
+    ``checks``, once it holds an item past a write limit (proxy/limits.py).
 
-    A body with a Content-Length over the limit is refused before anything is sent; a chunked
-    body is counted as it streams (``error`` then tells why the upload broke off).
+    A body with a Content-Length over the limit is refused before anything is sent; otherwise
+    the upload to the primary breaks off before the chunk that passed a limit (``error`` then
+    tells why), so the primary never has a whole body to write.
     """
 
-    def __init__(self, request: web.Request, limit: int) -> None:
+    def __init__(
+        self, request: web.Request, limit: int, checks: StreamedLimits | None = None
+    ) -> None:
         if request.content_length is not None and request.content_length > limit:
             raise RequestTooLarge(_too_large(request.content_length, limit))
         self._request = request
         self._limit = limit
-        self.error: RequestTooLarge | None = None
+        self._checks = checks
+        self.error: ProxyError | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
         async for chunk in self._request.content.iter_chunked(CHUNK_BYTES):
             seen += len(chunk)
-            if seen > self._limit:
-                self.error = RequestTooLarge(_too_large(seen, self._limit))
-                raise self.error
+            try:
+                if seen > self._limit:
+                    raise RequestTooLarge(_too_large(seen, self._limit))
+                if self._checks is not None:
+                    self._checks.feed(chunk)
+            except ProxyError as exc:
+                self.error = exc
+                raise
             yield chunk
 
 
@@ -96,13 +107,20 @@ def check_limits(request: web.Request, raw: bytes) -> object:
 
 async def forward(request: web.Request, body_bytes: bytes | None = None) -> web.StreamResponse:
     """Pass the request to the primary and stream its answer back unchanged. ``body_bytes``
-    is the body when a handler already read it (to try a local answer first)."""
+    is the body when a handler already read it (to try a local answer first, or to check
+    its limits); a record request's body streamed unread has its limits checked on the way."""
     body: LimitedBody | bytes | None
     if body_bytes is not None:
         body = body_bytes if body_bytes or request.body_exists else None
-    else:
+    elif request.body_exists:
         limit = request.app[CONFIG].max_body_bytes
-        body = LimitedBody(request, limit) if request.body_exists else None
+        checks = None
+        route = request.get(ROUTE)
+        if route is not None and route.op in LIMITED_OPS:
+            checks = StreamedLimits(request.app[GUARDS].limits)
+        body = LimitedBody(request, limit, checks)
+    else:
+        body = None
     _enter(request)
     try:
         resp = await _send(request, body)

@@ -56,8 +56,9 @@ AUDITED = frozenset({"reset", "delete_collection", "delete_database", "create_te
 
 # Write bodies up to this size are read whole: to check their limits and, in export mode,
 # to apply them to the replica. Larger ones (and chunked uploads of unknown length) stream
-# through unread, so a 40 MiB add costs the proxy a few chunks of memory, not the body and
-# its parse (~3x); they are not limit-checked, and they send their collection to a rebuild.
+# through, so a 40 MiB add costs the proxy a few chunks of memory, not the body and its parse
+# (~3x); their limits are checked as they stream (proxy/limits.py StreamedLimits), and they
+# send their collection to a rebuild.
 READ_WHOLE_MAX_BYTES = 8 * 1024 * 1024
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import ijson
 import orjson
+from ijson.common import ObjectBuilder
 
 from .config import Config
 from .errors import BadRequest, RequestTooLarge
@@ -60,20 +62,25 @@ class Limits:
         documents = body.get("documents")
         if isinstance(documents, list):
             for doc in documents:
-                if isinstance(doc, str) and len(doc) * 4 > self.document_bytes:
-                    size = len(doc.encode())
-                    if size > self.document_bytes:
-                        raise RequestTooLarge(
-                            f"a document of {size} bytes is over "
-                            f"max_document_bytes={self.document_bytes}"
-                        )
+                self.check_document(doc)
         metadatas = body.get("metadatas")
         if isinstance(metadatas, list):
             for meta in metadatas:
-                if isinstance(meta, dict) and len(orjson.dumps(meta)) > self.metadata_bytes:
-                    raise RequestTooLarge(
-                        f"a metadata of over max_metadata_bytes={self.metadata_bytes} bytes"
-                    )
+                self.check_metadata(meta)
+
+    def check_document(self, doc: object) -> None:
+        if isinstance(doc, str) and len(doc) * 4 > self.document_bytes:
+            size = len(doc.encode())
+            if size > self.document_bytes:
+                raise RequestTooLarge(
+                    f"a document of {size} bytes is over max_document_bytes={self.document_bytes}"
+                )
+
+    def check_metadata(self, meta: object) -> None:
+        if isinstance(meta, dict) and len(orjson.dumps(meta)) > self.metadata_bytes:
+            raise RequestTooLarge(
+                f"a metadata of over max_metadata_bytes={self.metadata_bytes} bytes"
+            )
 
     def _check_filter(self, key: str, clause: Any) -> None:
         """Depth and number of nodes, walked without recursion (a deep filter must not
@@ -95,3 +102,54 @@ class Limits:
 def _count(value: object, limit: int, what: str, key: str) -> None:
     if isinstance(value, list) and len(value) > limit:
         raise BadRequest(f"{len(value)} {what} in one request is over {key}={limit}")
+
+
+class StreamedLimits:
+    """The write limits (ids, documents, metadatas) checked on a body as it streams to the
+    primary, for bodies too large to read whole (proxy/handlers.py). ``feed`` raises at the
+    chunk that holds the offending item, before that chunk is sent on: the primary never gets
+    a whole body, so it writes nothing. The push parser (ijson's C backend) keeps memory flat;
+    it costs ~1 ms of the event loop per 64 KiB chunk of float arrays and next to nothing for
+    the base64 embeddings the Chroma clients send.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._events: list[tuple[str, str, Any]] = ijson.sendable_list()
+        self._parser = ijson.parse_coro(self._events, use_float=True)
+        self._ids = 0
+        self._metadata: ObjectBuilder | None = None
+        self._off = False  # not JSON the parser can follow: the primary answers it
+
+    def feed(self, chunk: bytes) -> None:
+        if self._off or not chunk:  # (an empty chunk would tell the parser the body ended)
+            return
+        try:
+            self._parser.send(chunk)
+        except (ijson.JSONError, StopIteration):
+            self._off = True
+            return
+        try:
+            for prefix, event, value in self._events:
+                self._event(prefix, event, value)
+        finally:
+            del self._events[:]
+
+    def _event(self, prefix: str, event: str, value: Any) -> None:
+        if self._metadata is not None:
+            self._metadata.event(event, value)
+            if prefix == "metadatas.item" and event == "end_map":
+                self._limits.check_metadata(self._metadata.value)
+                self._metadata = None
+        elif prefix == "ids.item":
+            self._ids += 1
+            if self._ids > self._limits.ids:
+                raise BadRequest(
+                    f"over {self._limits.ids} ids in one request: over "
+                    f"max_ids_per_request={self._limits.ids}"
+                )
+        elif prefix == "documents.item":
+            self._limits.check_document(value)
+        elif prefix == "metadatas.item" and event == "start_map":
+            self._metadata = ObjectBuilder()
+            self._metadata.event(event, value)

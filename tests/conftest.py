@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers import ChromaServer, ProxyProcess
@@ -51,3 +52,20 @@ def log_dir(tmp_path: Path) -> Path:
 def name() -> str:
     """A collection name no other test uses."""
     return "t-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_chroma_clients() -> Iterator[None]:
+    """Close the HTTP sessions of every chromadb client a test module made. The clients share
+    cached Systems that outlive them (one that failed in its constructor cannot even be
+    closed), so their sockets were left to the garbage collector, which warned about them in
+    whatever test it happened to run during."""
+    yield
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    for system in SharedSystemClient._identifier_to_system.values():
+        for component in system.components():
+            session = getattr(component, "_session", None)
+            if isinstance(session, httpx.Client):
+                session.close()
+    SharedSystemClient.clear_system_cache()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import ADMIN_TOKEN_NAME, Token, TokenFileError, load_tokens
+from proxy.auth import ADMIN_TOKEN_NAME, Token, TokenFileError, collection_id, load_tokens
 from proxy.config import Config, ConfigError
 
 DIGEST = hashlib.sha256(b"s3cret-token-value").hexdigest()
@@ -55,6 +55,24 @@ def test_scopes() -> None:
     assert token.holds_tenant("acme") and not token.holds_tenant("globex")
     assert token.touches("globex") and not token.touches("initech")
     assert token.identity() == {"user_id": "t", "tenant": "acme", "databases": []}
+
+
+CID = "0a3b1d50-8b80-424b-b18f-6b489ea72fd7"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [CID, CID.upper(), CID.replace("-", ""), "{" + CID + "}", "urn:uuid:" + CID],
+)
+def test_every_spelling_of_a_collection_id_the_primary_takes_is_one_id(sent: str) -> None:
+    # Chroma's record paths take all of these (Rust's uuid parser) for the same collection:
+    # each must be checked against that collection's tenant, not only the hyphenated one.
+    assert collection_id(sent) == CID
+
+
+@pytest.mark.parametrize("sent", ["docs", CID + " ", CID[:-1], "urn:uuid:" + CID[1:], CID + "0"])
+def test_what_cannot_be_a_collection_id_is_none(sent: str) -> None:
+    assert collection_id(sent) is None
 
 
 def test_listening_beyond_loopback_needs_tokens_or_a_waiver() -> None:

@@ -41,7 +41,7 @@ from aiohttp import web
 from cachetools import LRUCache
 
 from .errors import BadRequest, Forbidden, NotFound, Unauthorized
-from .routes import Route, RouteClass
+from .routes import BY_NAME, Route, RouteClass, collection_id
 from .state import request_id
 
 log = logging.getLogger(__name__)
@@ -50,21 +50,8 @@ audit = logging.getLogger("proxy.audit")
 Role = Literal["read", "write", "admin"]
 _RANK = {"read": 0, "write": 1, "admin": 2}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# A collection id as the primary parses it (Rust's uuid crate): hyphenated, simple (32 hex
-# digits), braced or urn:uuid:, any case. Every spelling names the same collection on the
-# record paths, so each must be checked, not only the hyphenated one. Deliberately looser
-# than the primary (a lone brace, some hyphens missing): what it lets through, the primary
-# refuses with 400; what it refuses, the primary would not take either.
-_ID = re.compile(
-    r"(?:urn:uuid:|\{)?"
-    r"([0-9a-f]{8})-?([0-9a-f]{4})-?([0-9a-f]{4})-?([0-9a-f]{4})-?([0-9a-f]{12})"
-    r"\}?",
-    re.IGNORECASE | re.ASCII,
-)
-# The ops that name a collection by name; every other op with a collection names it by id.
 # The primary looks names up in the path's database only (chroma-wire.md 3), and a name may
-# look like an id: no owner lookup for these.
-_BY_NAME = frozenset({"get_collection", "delete_collection"})
+# look like an id: no owner lookup for the ops that name a collection by name.
 # Any valid token may ask these: they say nothing about anybody's data.
 _OPEN_OPS = frozenset({"heartbeat", "version", "pre_flight_checks", "healthcheck", "identity"})
 # Writes a write token may make inside its scope; every other write needs admin.
@@ -235,7 +222,7 @@ class Guard:
             self._refuse(request, token, f"tenant {tenant} is not wholly in scope")
         if not token.covers(tenant, database):
             self._refuse(request, token, f"{tenant}/{database} is not in scope")
-        if route.collection is not None and route.op not in _BY_NAME:
+        if route.collection is not None and route.op not in BY_NAME:
             await self._check_owner(request, token, route.collection, tenant, database)
         return token
 
@@ -263,13 +250,6 @@ class Guard:
     def _refuse(self, request: web.BaseRequest, token: Token, why: str) -> None:
         audit_event(request, "forbidden", token=token.name, reason=why)
         raise Forbidden(f"token {token.name}: {why}")
-
-
-def collection_id(sent: str) -> str | None:
-    """The collection id a path segment names, in its canonical spelling (lower case,
-    hyphenated), or None if the segment cannot be an id."""
-    match = _ID.fullmatch(sent)
-    return None if match is None else "-".join(match.groups()).lower()
 
 
 def _needed(route: Route) -> Role:

@@ -8,6 +8,7 @@ version does not know is passed to the primary, never refused.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
@@ -26,9 +27,32 @@ class Route:
     op: str
     tenant: str | None = None
     database: str | None = None
-    # The collection as the path names it: a UUID for record ops and modify, a name for
-    # get/delete by name.
+    # The collection as the path names it: a name for get/delete by name (BY_NAME); else an
+    # id, in its canonical spelling when it is one (collection_id).
     collection: str | None = None
+
+
+# The ops that name a collection by name; every other op with a collection names it by id.
+BY_NAME = frozenset({"get_collection", "delete_collection"})
+# A collection id as the primary parses it (Rust's uuid crate): hyphenated, simple (32 hex
+# digits), braced or urn:uuid:, any case. Every spelling names the same collection on the
+# record paths, so each must be checked (proxy/auth.py) and must find the same replica, cache
+# entries and write books. Deliberately looser than the primary (a lone brace, some hyphens
+# missing): what it lets through, the primary refuses with 400; what it refuses, the primary
+# would not take either.
+_ID = re.compile(
+    r"(?:urn:uuid:|\{)?"
+    r"([0-9a-f]{8})-?([0-9a-f]{4})-?([0-9a-f]{4})-?([0-9a-f]{4})-?([0-9a-f]{12})"
+    r"\}?",
+    re.IGNORECASE | re.ASCII,
+)
+
+
+def collection_id(sent: str) -> str | None:
+    """The collection id a path segment names, in its canonical spelling (lower case,
+    hyphenated), or None if the segment cannot be an id."""
+    match = _ID.fullmatch(sent)
+    return None if match is None else "-".join(match.groups()).lower()
 
 
 _T = "/api/v2/tenants/{tenant}"
@@ -100,6 +124,9 @@ def _classify(method: str, raw_path: str) -> Route:
     for want_method, template, kind, op in _BY_LENGTH.get(len(segments), ()):
         params = _match(template, segments)
         if params is not None and method == want_method:
+            sent = params.get("collection")
+            if sent is not None and op not in BY_NAME:
+                params["collection"] = collection_id(sent) or sent
             return Route(kind, op, **params)
     return UNKNOWN
 

@@ -333,6 +333,13 @@ def test_read_your_writes(chroma: ChromaServer, replica_proxy: ProxyProcess, nam
             for read, read_body in reads:
                 got, _ = both(read, read_body)
                 assert got.headers["X-Proxy-Source"] in LOCAL, (op, read)
+        # Written through another spelling of the id (the primary takes them all): the same
+        # collection to the proxy, so the next read still sees the write.
+        other = f"{D}/collections/{cid.replace('-', '').upper()}"
+        again = {"ids": ["other"], "embeddings": [[70.0, 0.0, 1.0]], "metadatas": [{"i": 8}]}
+        assert client.post(f"{p}{other}/add", json=again).status_code == 201
+        for read, read_body in reads:
+            both(read, read_body)
         limited = {"where": {"i": {"$gte": 10}}, "limit": 1}
         assert client.post(f"{p}{c}/delete", json=limited).status_code == 200
         for read, read_body in reads:

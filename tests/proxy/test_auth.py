@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import ADMIN_TOKEN_NAME, Token, TokenFileError, collection_id, load_tokens
+from proxy.auth import ADMIN_TOKEN_NAME, Token, TokenFileError, load_tokens
 from proxy.config import Config, ConfigError
+from proxy.routes import collection_id
 
 DIGEST = hashlib.sha256(b"s3cret-token-value").hexdigest()
 

@@ -92,3 +92,19 @@ def test_record_route_carries_collection_id() -> None:
 def test_collection_named_by_id_is_a_name_lookup() -> None:
     # "by-id" is a valid collection name; only by-id/<id> is the id lookup.
     assert classify("GET", f"{D}/collections/by-id").op == "get_collection"
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [UUID.upper(), UUID.replace("-", ""), "{" + UUID + "}", "urn:uuid:" + UUID],
+)
+def test_every_spelling_of_an_id_is_the_same_collection(spelling: str) -> None:
+    """The primary takes each of these for the same collection, so the replica, the cache and
+    read-your-writes' books must too (an add through one spelling, then a query through
+    another, was answered from a cache entry without the new row)."""
+    for method, op in (("POST", "add"), ("POST", "query"), ("GET", "count")):
+        path = f"{D}/collections/{spelling}/{op}"
+        assert classify(method, path).collection == UUID
+    assert classify("GET", f"{D}/collections/by-id/{spelling}").collection == UUID
+    # A name that looks like an id stays the name it is.
+    assert classify("GET", f"{D}/collections/{spelling}").collection == spelling

@@ -135,6 +135,10 @@ def _token(path: Path, name: str, table: object) -> tuple[Token, str]:
         if not tenant or not database or "/" in database:
             raise TokenFileError(f'{where}: scope {scope!r} is not "tenant/database"')
         pairs.append((tenant, database))
+    if role == "admin" and ("*", "*") not in pairs:
+        # An admin resets the primary, makes tenants and reaches paths the proxy does not
+        # know: no scope bounds that, so a narrower one would only look like a bound.
+        raise TokenFileError(f'{where}: role admin needs scopes ["*/*"] (it acts on all)')
     return Token(name, role, tuple(pairs)), digest.lower()
 
 

@@ -42,6 +42,7 @@ def test_a_tokens_file_is_read_with_the_admin_token_added(tmp_path: Path) -> Non
         f'[tokens.a]\nsha256 = "{DIGEST}"\nrole = "read"\nscopes = ["t/d"]\nextra = 1\n',
         f'[tokens.a]\nsha256 = "{DIGEST}"\nrole = "read"\nscopes = ["t/d"]\n'
         f'[tokens.b]\nsha256 = "{DIGEST}"\nrole = "admin"\nscopes = ["*/*"]\n',
+        f'[tokens.a]\nsha256 = "{DIGEST}"\nrole = "admin"\nscopes = ["t/*"]\n',
     ],
 )
 def test_a_bad_tokens_file_is_refused_with_the_reason(tmp_path: Path, text: str) -> None:

@@ -50,6 +50,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         guards.request_limit.exit()
 
 
+# Writes that remove replicas when the primary takes them (ReplicaRouter.end_write). Their
+# answers are small and held until then, so the client's next read cannot find one.
+REMOVES = frozenset({"reset", "delete_database", "delete_collection"})
 # Writes the audit log records (with add, upsert... they would drown it).
 AUDITED = frozenset({"reset", "delete_collection", "delete_database", "create_tenant"})
 
@@ -76,11 +79,15 @@ async def write(request: web.Request) -> web.StreamResponse:
     books = router.begin_write(route)
     status: int | None = None
     try:
-        response = await forward(request, raw)
+        response: web.StreamResponse
+        if route.op in REMOVES:  # answered only after end_write dropped what it removed
+            response, _ = await forward_buffered(request, raw or None)
+        else:
+            response = await forward(request, raw)
         status = response.status
         return response
     finally:
-        router.end_write(books)
+        router.end_write(books, status)
         if route.op in AUDITED:
             token = request.get(TOKEN)
             audit_event(request, route.op, token=None if token is None else token.name,

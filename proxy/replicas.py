@@ -238,14 +238,6 @@ class ReplicaRouter:
     def begin_write(self, route: Route, body: object = None, applies: bool = False) -> WriteToken:
         """Before a write is forwarded: mark the collection busy so reads go to the primary."""
         cid = self._written_collection(route)
-        if route.op == "reset":
-            for replica in self.replicas:
-                self._forget(replica.collection_id)
-            self.tracker.bump_all()
-        elif route.op == "delete_database":
-            for gone in self.replicas.drop_where(route.tenant, route.database):
-                self._forget(gone)
-            self.tracker.bump_all()
         token = WriteToken(route, cid)
         if cid is not None:
             if self.overlay is not None and applies:  # applies_writes(): body parsed
@@ -253,8 +245,6 @@ class ReplicaRouter:
             elif self.overlay is not None:
                 self.overlay.end(cid, "other_write", route.op)
             self.tracker.begin(cid)
-            if route.op == "delete_collection":
-                self._forget(cid)
         return token
 
     async def settle(self, token: WriteToken, status: int | None) -> None:
@@ -262,10 +252,14 @@ class ReplicaRouter:
         if token.ticket is not None and self.overlay is not None:
             token.applied = await self.overlay.settle(token.ticket, status)
 
-    def end_write(self, token: WriteToken) -> None:
-        """After the primary answered (or failed): the write may have been applied."""
+    def end_write(self, token: WriteToken, status: int | None = None) -> None:
+        """After the primary answered ``status`` (None: no answer): the write may have been
+        applied. Replicas a reset or a delete removed are dropped unless the primary refused
+        it (a refused reset, say with allow_reset off, would otherwise drop every replica)."""
         if token.ticket is not None and not token.applied and self.overlay is not None:
             self.overlay.abandon(token.ticket)
+        if status is None or status < 400:
+            self._drop_removed(token)
         self.tracker.end(token.collection_id)
         if token.ticket is not None and token.applied and self.overlay is not None:
             self.overlay.counted(token.ticket)
@@ -275,6 +269,19 @@ class ReplicaRouter:
             self.scheduler.notify_write(token.collection_id)
             if self._log() is not None:
                 self._learn_mark(token.collection_id)
+
+    def _drop_removed(self, token: WriteToken) -> None:
+        route = token.route
+        if route.op == "reset":
+            for replica in self.replicas:
+                self._forget(replica.collection_id)
+            self.tracker.bump_all()
+        elif route.op == "delete_database":
+            for gone in self.replicas.drop_where(route.tenant, route.database):
+                self._forget(gone)
+            self.tracker.bump_all()
+        elif route.op == "delete_collection" and token.collection_id is not None:
+            self._forget(token.collection_id)
 
     def _forget(self, cid: str) -> None:
         if self.overlay is not None:

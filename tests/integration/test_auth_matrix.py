@@ -138,7 +138,7 @@ NEEDS: dict[str, tuple[MinRole, Reach | None]] = {
     "admin_unknown":           ("admin", None),
     "unknown_path":            ("admin", None),
     "unknown_method":          ("admin", None),
-    "reset":                   ("admin", None),   # last: an admin's reset drops the replicas
+    "reset":                   ("admin", None),   # last: a reset taken drops all replicas
 }
 # A non-admin token that may ask is answered 404 here, as if the collection did not exist:
 # it is not in the path's database. (An admin gets the primary's answer.)

@@ -432,3 +432,27 @@ def test_corrupted_snapshot_is_refused(tmp_path: Path) -> None:
                 assert proxy.stop() == 0
     finally:
         own.stop()
+
+
+def test_a_refused_reset_or_delete_keeps_the_replicas(
+    chroma: ChromaServer, replica_proxy: ProxyProcess, name: str
+) -> None:
+    """The primary runs without allow_reset: its refusal passes through, and the replicas
+    stay (they used to be dropped before the reset was sent, whatever the answer). A delete
+    the primary takes still drops its replica at once."""
+    p = replica_proxy.url
+    with httpx.Client(timeout=60) as client:
+        cid = client.post(f"{p}{D}/collections", json={"name": name}).json()["id"]
+        rows = {"ids": ["a", "b"], "embeddings": [[1.0, 0.0], [0.0, 1.0]]}
+        assert client.post(f"{p}{D}/collections/{cid}/add", json=rows).status_code == 201
+        wait_until(lambda: _served_locally(client, p, cid), 60, "a replica")
+        refused = client.post(f"{p}/api/v2/reset")
+        direct = client.post(f"{chroma.url}/api/v2/reset")
+        assert (refused.status_code, refused.content) == (direct.status_code, direct.content)
+        assert refused.status_code >= 400
+        missing = client.delete(f"{p}/api/v2/tenants/default_tenant/databases/nothing-{name}")
+        assert missing.status_code >= 400
+        assert _served_locally(client, p, cid)
+        assert client.delete(f"{p}{D}/collections/{name}").status_code == 200
+        gone = client.get(f"{p}{D}/collections/{cid}/count")
+        assert gone.status_code == 404 and gone.headers["X-Proxy-Source"] == "primary"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -302,6 +303,23 @@ def summary(tally: Tally) -> str:
         lines.append(f"  {op}: " + ", ".join(f"{seen} {n}" for seen, n in sorted(here)))
     lines += [f"  the primary dropped {op}, e.g. {curl}" for op, curl in tally.drops.items()]
     return "\n".join(lines)
+
+
+def test_a_read_under_invalid_names_leaves_no_replica_request(fuzz_proxy: ProxyProcess) -> None:
+    """Found by the fuzz (no answer differed): a read of a collection id under a database
+    name the primary refuses asks for a replica on demand, whose lookup answers 400; that
+    was retried for ever, so each such id was kept with a retry timer."""
+    cid = str(uuid.uuid4())
+    resp = httpx.get(f"{fuzz_proxy.url}/api/v2/tenants/{T}/databases/0/collections/{cid}/count")
+    assert resp.status_code == 400 and resp.headers["X-Proxy-Source"] == "primary"
+
+    def known() -> dict[str, Any]:
+        status = httpx.get(f"{fuzz_proxy.url}/admin/status", timeout=TIMEOUT_S,
+                           headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
+        found: dict[str, Any] = status.json()["sync"]["known"]
+        return found
+
+    wait_until(lambda: cid not in known(), 30, "the on-demand request dropped")
 
 
 def test_judge_says_whose_fault() -> None:

@@ -285,5 +285,5 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/admin/rebuild", rebuild),
     ("GET", "/admin/snapshots", snapshots),
     # Anything else under /admin/ is ours too: never forward it to the primary.
-    ("*", "/admin/{tail:.*}", unknown),
+    ("*", "/admin/{tail:[\\s\\S]*}", unknown),  # not ".*": it stops at an encoded newline
 ]

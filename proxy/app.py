@@ -100,8 +100,10 @@ def build_app(config: Config, primary_url: str, worker: Worker | None = None) ->
         ("GET", "/readyz", handlers.readyz),
         ("GET", "/metrics", handlers.metrics),
         *admin.ROUTES,
-        # Everything else, any method, including paths this version does not know.
-        ("*", "/{tail:.*}", handlers.dispatch),
+        # Everything else, any method, including paths this version does not know. [\s\S],
+        # not ".": a percent-encoded newline in a name is still a path (aiohttp matches the
+        # decoded path, and "." stops at a newline: that was aiohttp's plain-text 404).
+        ("*", "/{tail:[\\s\\S]*}", handlers.dispatch),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, observed(handler))

@@ -305,8 +305,11 @@ class RebuildScheduler:
         covers = self._write_seq(collection_id)  # writes acknowledged before the export starts
         path = f"/api/v2/tenants/{tenant}/databases/{database}/collections/by-id/{collection_id}"
         status, raw = await self._client.call_raw("GET", path)
-        if status == 404:
-            log.info("collection %s no longer exists; dropping its replica", collection_id)
+        if status in (400, 404):
+            # 404: deleted. 400: the names it was asked under are invalid (a read of
+            # databases/0/collections/ID asks for a replica on demand); asking again cannot
+            # change either, and retrying kept every such id, forever, with a retry timer.
+            log.info("collection %s not found (%d); dropping its replica", collection_id, status)
             self.forget(collection_id)
             return
         if status != 200:

@@ -68,6 +68,10 @@ CASES: list[tuple[str, str, str, Any, int]] = [
     ("pre-flight", "GET", "/api/v2/pre-flight-checks", None, 200),
     ("openapi", "GET", "/openapi.json", None, 200),
     ("encoded name", "GET", f"{D}/collections/{{ENCNAME}}", None, 200),
+    # Found by fuzzing: a decoded newline in the path matched none of the proxy's routes and
+    # got aiohttp's plain-text 404 instead of the primary's JSON one.
+    ("encoded newline", "GET", f"{D}/collections/a%0Ab", None, 404),
+    ("encoded newline last", "DELETE", "/api/v2/tenants/default_tenant/databases/a%0A", None, 404),
 ]
 
 

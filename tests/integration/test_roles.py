@@ -243,9 +243,10 @@ def test_admin_api_guards(proxy: ProxyProcess, chroma: ChromaServer, log_dir: Pa
         with httpx.Client(base_url=admin.url, timeout=10) as client:
             wrong = client.get("/admin/status", headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401 and "message" in wrong.json()
-            unknown = client.get("/admin/nothing-here", headers=AUTH)
-            assert unknown.status_code == 404  # answered by the proxy, not forwarded
-            assert unknown.headers["X-Proxy-Source"] == "proxy"
+            for path in ("/admin/nothing-here", "/admin/a%0Ab"):  # an encoded newline too
+                unknown = client.get(path, headers=AUTH)
+                assert unknown.status_code == 404  # answered by the proxy, not forwarded
+                assert unknown.headers["X-Proxy-Source"] == "proxy"
             for body, status in (
                 (b"{not json", 400),
                 (b'{"collection": ""}', 400),

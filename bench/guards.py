@@ -303,7 +303,7 @@ def _workers_of(pid: int) -> list[int]:
     workers = []
     for child in children(pid):
         try:
-            if b"proxy.workers" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if b"\0_worker\0" in Path(f"/proc/{child}/cmdline").read_bytes():
                 workers.append(child)
         except OSError:
             continue

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import logging.handlers
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -189,7 +191,28 @@ def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
+def worker_main(argv: Sequence[str]) -> int:
+    """Workers 1..N-1 (proxy/workers.py): ``INDEX LEDGER_FD RUN_DIR``, settings on stdin."""
+    from .ledger import Ledger
+    from .server import serve_worker
+    from .workers import Worker
+
+    index, inherited, run_dir = int(argv[0]), int(argv[1]), Path(argv[2])
+    ledger = Ledger.open(Path(f"/proc/self/fd/{inherited}"))
+    os.close(inherited)
+    config = Config(**json.loads(sys.stdin.read()))
+    configure_logging(config.log_level, index, config.audit_log_file)
+    run_loop(config, serve_worker(config, Worker(index, config.workers, ledger, run_dir)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("_"):  # not a command for people: see proxy/workers.py
+        from .workers import WORKER_COMMAND
+
+        if argv[0] == WORKER_COMMAND:
+            return worker_main(argv[1:])
     args = vars(parser().parse_args(argv))
     command = args.pop("command")
     if command in BACKUP_COMMANDS:

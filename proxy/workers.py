@@ -53,6 +53,10 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# `python -m proxy _worker INDEX LEDGER_FD RUN_DIR`, the settings as JSON on stdin: the
+# entry point of workers 1..N-1 (proxy/cli.py worker_main), not a command for people.
+WORKER_COMMAND = "_worker"
+
 RESTART_DELAY_S = 1.0  # doubled for a worker that keeps dying young, up to RESTART_MAX_S
 RESTART_MAX_S = 30.0
 YOUNG_S = 10.0
@@ -123,7 +127,7 @@ class Workers:
         # The settings go through stdin: the command line would show admin_token to `ps`.
         fd, run_dir = self._first.ledger.fd, self._first.run_dir
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.workers", str(index), str(fd), str(run_dir)],
+            [sys.executable, "-m", "proxy", WORKER_COMMAND, str(index), str(fd), str(run_dir)],
             stdin=subprocess.PIPE,
             pass_fds=(fd,),
             start_new_session=True,  # Ctrl-C reaches worker 0 only; it passes SIGTERM on
@@ -265,22 +269,3 @@ async def until_orphaned(parent: int) -> None:
         if os.getppid() != parent:
             return
         await asyncio.sleep(ORPHAN_CHECK_S)
-
-
-def main(argv: list[str]) -> int:
-    """Entry point of workers 1..N-1: ``python -m proxy.workers INDEX LEDGER_FD RUN_DIR``
-    with the settings as JSON on stdin."""
-    index, inherited, run_dir = int(argv[0]), int(argv[1]), Path(argv[2])
-    ledger = Ledger.open(Path(f"/proc/self/fd/{inherited}"))
-    os.close(inherited)
-    config = Config(**json.loads(sys.stdin.read()))
-    from .cli import configure_logging, run_loop
-    from .server import serve_worker
-
-    configure_logging(config.log_level, index, config.audit_log_file)
-    run_loop(config, serve_worker(config, Worker(index, config.workers, ledger, run_dir)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

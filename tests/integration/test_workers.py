@@ -167,7 +167,7 @@ def test_workers_die_with_a_killed_first_process(proxy: ProxyProcess) -> None:
 
 
 def _worker_pids(proxy: ProxyProcess) -> list[int]:
-    return [p for p in pids_running("proxy.workers 1 ") if _parent(p) == proxy.pid]
+    return [p for p in pids_running("-m proxy _worker 1 ") if _parent(p) == proxy.pid]
 
 
 def _parent(pid: int) -> int | None:

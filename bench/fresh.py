@@ -677,7 +677,7 @@ async def storage_run(bench: Bench, proxy: Proxy, token: str, rates: list[int]) 
 
 async def compare_export(bench: Bench, primary: ChromaServer, rates: list[int]) -> list[Any]:
     """The through-the-proxy phases with replicas exported over HTTP, the proxy's own writes
-    applied to them (proxy/overlay.py), one proxy for all rates."""
+    applied to them (proxy/replica/overlay.py), one proxy for all rates."""
     token = secrets.token_hex(16)
     export = ("--primary", primary.url, "--replica-source", "export", "--admin-token", token)
     found = []
@@ -886,7 +886,7 @@ def markdown(res: dict[str, Any]) -> str:
         "Primary QPS: the same readers at the primary directly, same writes, shorter phase. "
         "Server CPU: % of one core over the phase; pinned, both servers share one core, so a "
         "sum near 100 means the servers, not the client, set the reader QPS. Export-mode "
-        "rows: the proxy's own writes applied to its exported replica (proxy/overlay.py).",
+        "rows: the proxy's own writes applied to its exported replica (proxy/replica/overlay.py).",
         "",
         "| writes/s | writes via | achieved w/s | local share (replica/cache/primary) "
         "| proxy QPS | proxy p50 / p99 ms | proxy read errors | primary QPS "

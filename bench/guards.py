@@ -49,7 +49,7 @@ from bench.common import (
     wrk,
 )
 from bench.replica import _ensure_loaded
-from proxy.embedded import free_port
+from proxy.primary.embedded import free_port
 
 DICT_SERVER = """
 import sys, asyncio, uvloop

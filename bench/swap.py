@@ -64,7 +64,7 @@ from bench.common import (
 from bench.replica import _ensure_loaded
 
 SAMPLE_S = 0.5
-LAG_WINDOW_S = 10  # proxy/metrics.py: event_loop_lag_max_s covers the last 10 s
+LAG_WINDOW_S = 10  # proxy/ops/metrics.py: event_loop_lag_max_s covers the last 10 s
 LAG_METRIC = "replica_proxy_event_loop_lag_seconds"
 Floats = npt.NDArray[np.float64]
 

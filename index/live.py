@@ -253,8 +253,8 @@ class LiveReplica:
         self.base = base
         self.position = position  # the log seq everything up to which is applied
         # "storage": follows the primary's log (position is a log seq). "export": a snapshot
-        # plus the writes this proxy forwarded (proxy/overlay.py); position is then the
-        # proxy's write counter the replica includes (proxy/consistency.py).
+        # plus the writes this proxy forwarded (proxy/replica/overlay.py); position is then the
+        # proxy's write counter the replica includes (proxy/replica/consistency.py).
         self.source = source
         # Every write the primary committed before this time is applied. Set by whoever read
         # the log, from a clock reading taken *before* it read (a later one would claim writes
@@ -396,8 +396,8 @@ class LiveView(ReplicaIndex):
         )
         self.manifest = _manifest(owner, generation, self.n)
         self.directory = None  # not a snapshot on disk
-        # Storage mode: consistency is by log position (proxy/replicas.py caught_up). Export
-        # mode: by the proxy's write counter, like a snapshot's (proxy/consistency.py).
+        # Storage mode: consistency is by log position (proxy/replica/router.py caught_up). Export
+        # mode: by the proxy's write counter, like a snapshot's (proxy/replica/consistency.py).
         self.follows_log = owner.source == "storage"
         self.covers_write_seq = -1 if self.follows_log else owner.position
         # Ids look-ups: the base's map, then this view's appended rows (_row_of_id). Searches

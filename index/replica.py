@@ -75,7 +75,8 @@ class ReplicaIndex:
     index: Any  # hnswlib.Index, or None for an empty collection
     directory: Path | None = None
     # This process' write counter for the collection when the export started (see
-    # proxy/consistency.py); -1 means "may miss writes", e.g. when loaded from an older process.
+    # proxy/replica/consistency.py); -1 means "may miss writes", e.g. when loaded from an
+    # older process.
     covers_write_seq: int = -1
     # Derived once at construction.
     collection_id: str = field(init=False)  # read on every request: not a property

@@ -1,10 +1,10 @@
 """A readers/writer lock for threads, writers first.
 
 hnswlib is not safe for a search and an insert at the same time (nmslib/hnswlib#562), and a
-storage-mode replica's graph takes the primary's log tail in place (index/live.py). Searches run
-in the search threads (proxy/batching.py) and hold the read side for one hnswlib call; the log
-replay holds the write side for one batch of rows. A waiting writer stops new readers, so a
-steady stream of searches cannot keep the log from being applied.
+storage-mode replica's graph takes the primary's log tail in place (index/live.py). Searches
+run in the search threads (proxy/replica/batching.py) and hold the read side for one hnswlib
+call; the log replay holds the write side for one batch of rows. A waiting writer stops new
+readers, so a steady stream of searches cannot keep the log from being applied.
 
 (aiorwlock is for coroutines on one loop; these readers are threads.)
 """

@@ -52,7 +52,7 @@ class Manifest:
     covers_write_seq: int  # this proxy's write counter for the collection at export start
     generation: int
     files: dict[str, dict[str, Any]]  # name -> {"bytes": n, "sha256": hex}
-    # The write ledger (proxy/ledger.py) covers_write_seq counts in, when the builder was one
+    # The write ledger (proxy/ops/ledger.py) covers_write_seq counts in, when the builder was one
     # of several worker processes; its other workers may then trust covers_write_seq too.
     write_ledger: str | None = None
     # A take (TAKE_FILES): the primary's log seq it includes, and the graph's next label.

@@ -18,21 +18,27 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from index.holder import ReplicaSet
-from sync.follower import StoreFollower
-from sync.logstream import BuilderLog
-from sync.scheduler import RebuildScheduler, SyncSettings
-from sync.tailer import StorageTailer, StorageUnusable, TailerSettings, storage_problem
-
-from . import admin, handlers
-from .auth import AUTH, Guard, Owner
-from .config import Config
-from .errors import UpstreamError, to_response
-from .guards import Guards
-from .metrics import Metrics
-from .replicas import ReplicaRouter, ReplicaSource
-from .routes import classify
-from .sample import load_sample
-from .state import (
+from proxy import handlers
+from proxy.access.auth import AUTH, Guard, Owner
+from proxy.access.guards import Guards
+from proxy.access.tls import TLS, server_context
+from proxy.access.tls import reload as reload_tls
+from proxy.config import Config
+from proxy.errors import UpstreamError, to_response
+from proxy.ops import admin
+from proxy.ops.metrics import Metrics
+from proxy.ops.workers import (
+    METRICS_INTERVAL_S,
+    Worker,
+    publish_metrics,
+    publish_state,
+    relay_writes,
+)
+from proxy.primary.sample import load_sample
+from proxy.primary.upstream import Upstream
+from proxy.replica.router import ReplicaRouter, ReplicaSource
+from proxy.routes import classify
+from proxy.state import (
     CONFIG,
     GUARDS,
     METRICS,
@@ -49,16 +55,10 @@ from .state import (
     set_worker,
     stamp,
 )
-from .tls import TLS, server_context
-from .tls import reload as reload_tls
-from .upstream import Upstream
-from .workers import (
-    METRICS_INTERVAL_S,
-    Worker,
-    publish_metrics,
-    publish_state,
-    relay_writes,
-)
+from sync.follower import StoreFollower
+from sync.logstream import BuilderLog
+from sync.scheduler import RebuildScheduler, SyncSettings
+from sync.tailer import StorageTailer, StorageUnusable, TailerSettings, storage_problem
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ WORKER_STATE_TICK_S = 0.2
 
 def build_app(config: Config, primary_url: str, worker: Worker | None = None) -> web.Application:
     """The proxy as an aiohttp application, forwarding to ``primary_url``; ``worker`` when
-    it is one of several worker processes (proxy/workers.py)."""
+    it is one of several worker processes (proxy/ops/workers.py)."""
     app = web.Application(client_max_size=config.max_body_bytes)
     metrics = Metrics()
     app[CONFIG] = config

@@ -20,11 +20,19 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from proxy import __version__
+from proxy.config import (
+    FIELDS,
+    Config,
+    ConfigError,
+    docs_table,
+    env_name,
+    field_type,
+    flag_name,
+    load,
+)
+from proxy.primary.embedded import EmbeddedPrimaryError
 from sync.tailer import StorageUnusable
-
-from . import __version__
-from .config import FIELDS, Config, ConfigError, docs_table, env_name, field_type, flag_name, load
-from .embedded import EmbeddedPrimaryError
 
 PROG = "replica-proxy"
 BACKUP_COMMANDS = ("backup", "verify", "restore")
@@ -171,7 +179,7 @@ def configure_logging(level: str, worker: int | None = None, audit_file: str | N
 
 
 def _run(config: Config) -> None:
-    from .server import serve  # imported late: `config-docs` and `--help` stay fast
+    from proxy.server import serve  # imported late: `config-docs` and `--help` stay fast
 
     run_loop(config, serve(config))
 
@@ -192,10 +200,10 @@ def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    """Workers 1..N-1 (proxy/workers.py): ``INDEX LEDGER_FD RUN_DIR``, settings on stdin."""
-    from .ledger import Ledger
-    from .server import serve_worker
-    from .workers import Worker
+    """Workers 1..N-1 (proxy/ops/workers.py): ``INDEX LEDGER_FD RUN_DIR``, settings on stdin."""
+    from proxy.ops.ledger import Ledger
+    from proxy.ops.workers import Worker
+    from proxy.server import serve_worker
 
     index, inherited, run_dir = int(argv[0]), int(argv[1]), Path(argv[2])
     ledger = Ledger.open(Path(f"/proc/self/fd/{inherited}"))
@@ -208,8 +216,8 @@ def worker_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0].startswith("_"):  # not a command for people: see proxy/workers.py
-        from .workers import WORKER_COMMAND
+    if argv and argv[0].startswith("_"):  # not a command for people: see proxy/ops/workers.py
+        from proxy.ops.workers import WORKER_COMMAND
 
         if argv[0] == WORKER_COMMAND:
             return worker_main(argv[1:])

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "REPLICA_PROXY_"
-MAX_WORKERS = 64  # proxy/ledger.py has room for this many
+MAX_WORKERS = 64  # proxy/ops/ledger.py has room for this many
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 Consistency = Literal["strong", "session", "bounded", "eventual"]

@@ -9,14 +9,14 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import reads
-from .auth import AUTH, TOKEN, audit_event
-from .errors import Overloaded
-from .forward import LIMITED_OPS, check_limits, forward, forward_buffered, read_body
-from .ledger import READY
-from .routes import RouteClass
-from .state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE, WORKER
-from .workers import render_all
+from proxy.access.auth import AUTH, TOKEN, audit_event
+from proxy.errors import Overloaded
+from proxy.ops.ledger import READY
+from proxy.ops.workers import render_all
+from proxy.primary.forward import LIMITED_OPS, check_limits, forward, forward_buffered, read_body
+from proxy.replica import reads
+from proxy.routes import RouteClass
+from proxy.state import CONFIG, GUARDS, METRICS, PRIMARY_DOWN, ROUTE, ROUTER, STATE, WORKER
 
 LOADING = "loading replicas from the snapshot store"
 
@@ -60,13 +60,13 @@ AUDITED = frozenset({"reset", "delete_collection", "delete_database", "create_te
 # Write bodies up to this size are read whole: to check their limits and, in export mode,
 # to apply them to the replica. Larger ones (and chunked uploads of unknown length) stream
 # through, so a 40 MiB add costs the proxy a few chunks of memory, not the body and its parse
-# (~3x); their limits are checked as they stream (proxy/limits.py StreamedLimits), and they
+# (~3x); their limits are checked as they stream (proxy/access/limits.py StreamedLimits), and they
 # send their collection to a rebuild.
 READ_WHOLE_MAX_BYTES = 8 * 1024 * 1024
 
 
 async def write(request: web.Request) -> web.StreamResponse:
-    """Forward a write, keeping the books the consistency gate reads (proxy/replicas.py)."""
+    """Forward a write, keeping the books the consistency gate reads (proxy/replica/router.py)."""
     router, route = request.app[ROUTER], request[ROUTE]
     length = request.content_length
     small = length is not None and length <= READ_WHOLE_MAX_BYTES
@@ -96,7 +96,7 @@ async def write(request: web.Request) -> web.StreamResponse:
 
 
 async def write_applied(request: web.Request) -> web.StreamResponse:
-    """Export mode: the write is applied to the replica (proxy/overlay.py) before its answer
+    """Export mode: the write is applied to the replica (proxy/replica/overlay.py) before its answer
     goes back, so the client's next read finds it there."""
     router = request.app[ROUTER]
     body = await read_body(request)

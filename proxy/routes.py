@@ -36,7 +36,7 @@ class Route:
 BY_NAME = frozenset({"get_collection", "delete_collection"})
 # A collection id as the primary parses it (Rust's uuid crate): hyphenated, simple (32 hex
 # digits), braced or urn:uuid:, any case. Every spelling names the same collection on the
-# record paths, so each must be checked (proxy/auth.py) and must find the same replica, cache
+# record paths, so each must be checked (proxy/access/auth.py) and must find the same replica, cache
 # entries and write books. Deliberately looser than the primary (a lone brace, some hyphens
 # missing): what it lets through, the primary refuses with 400; what it refuses, the primary
 # would not take either.

@@ -3,7 +3,7 @@
 Shutdown order, as a load balancer needs it: readiness off -> keep serving for
 ``shutdown_delay_s`` (the balancer notices) -> stop accepting, let in-flight requests finish for
 up to ``drain_timeout_s`` -> close the upstream pool -> stop the embedded primary. A second
-signal skips the wait. With ``workers`` > 1 (proxy/workers.py) the first process passes each
+signal skips the wait. With ``workers`` > 1 (proxy/ops/workers.py) the first process passes each
 signal on to the others, which drain the same way, and waits for them before it stops the
 embedded primary.
 """
@@ -26,18 +26,17 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from proxy import __version__
+from proxy.access.tls import TLS
+from proxy.app import AccessLogger, build_app
+from proxy.config import Config
+from proxy.errors import malformed_request_response
+from proxy.ops.ledger import LISTENING, Ledger
+from proxy.ops.workers import Worker, Workers, first_worker, until_orphaned
+from proxy.primary.embedded import EmbeddedPrimary
+from proxy.primary.sample import NAME as SAMPLE_NAME
+from proxy.state import CONFIG, METRICS, ON_SIGHUP, ROUTER, STATE
 from sync.tailer import StorageTailer
-
-from . import __version__
-from .app import AccessLogger, build_app
-from .config import Config
-from .embedded import EmbeddedPrimary
-from .errors import malformed_request_response
-from .ledger import LISTENING, Ledger
-from .sample import NAME as SAMPLE_NAME
-from .state import CONFIG, METRICS, ON_SIGHUP, ROUTER, STATE
-from .tls import TLS
-from .workers import Worker, Workers, first_worker, until_orphaned
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ async def serve(config: Config) -> None:
 
 
 async def serve_worker(config: Config, worker: Worker) -> None:
-    """Workers 1..N-1 (proxy/workers.py): the same app, on the same port, sharing the ledger.
+    """Workers 1..N-1 (proxy/ops/workers.py): the same app, on the same port, sharing the ledger.
     They stop on a signal from worker 0, or on their own when it died without sending one."""
     assert config.primary_url is not None
     parent = os.getppid()

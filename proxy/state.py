@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .config import Config
-from .guards import Guards
-from .metrics import Metrics
-from .replicas import ReplicaRouter
-from .routes import Route
-from .upstream import Upstream
-from .workers import Worker
+from proxy.access.guards import Guards
+from proxy.config import Config
+from proxy.ops.metrics import Metrics
+from proxy.ops.workers import Worker
+from proxy.primary.upstream import Upstream
+from proxy.replica.router import ReplicaRouter
+from proxy.routes import Route
 
 
 @dataclass(slots=True)
@@ -78,7 +78,7 @@ def request_id(request: web.BaseRequest) -> str:
     return new_request_id(request) if rid is None else rid
 
 
-# Set once in a process that is one of several workers (proxy/workers.py).
+# Set once in a process that is one of several workers (proxy/ops/workers.py).
 _worker: str | None = None
 
 

@@ -13,7 +13,7 @@ from index.snapshot import FORMAT_VERSION, Manifest, new_generation, publish
 from .export import Export
 
 # A replica loaded from the store (cut by another process, or an earlier run of this one) knows
-# nothing of this process' write counter: proxy/consistency.py falls back to its cut time.
+# nothing of this process' write counter: proxy/replica/consistency.py falls back to its cut time.
 COVERS_NOTHING = -1
 
 

@@ -7,7 +7,7 @@ flight finish on the old replica. A snapshot that fails any check is refused onc
 remembered, and the old generation keeps serving. A collection whose directory disappeared
 (the builder saw it deleted) stops being served.
 
-It has the scheduler's interface (proxy/replicas.py uses either). A replica never asks the
+It has the scheduler's interface (proxy/replica/router.py uses either). A replica never asks the
 primary for anything; it asks the builder, through the store (scheduler.ask_for), for a
 collection it does not serve (on a read) and for a new cut of one it forwarded a write to
 (once writes to it pause for debounce_s), so that its reads are local again without waiting
@@ -46,7 +46,7 @@ class StoreFollower:
         log: BuilderLog | None = None,
     ) -> None:
         """``asks_on_write`` False: another process relays this one's writes to the builder
-        (the first of several workers, proxy/workers.py relay_writes). ``log``: the log
+        (the first of several workers, proxy/ops/workers.py relay_writes). ``log``: the log
         stream of a builder in storage mode, whose takes are then served and followed."""
         self._replicas = replicas
         self._settings = settings
@@ -81,7 +81,7 @@ class StoreFollower:
     # --- the scheduler's interface: a replica cannot build ----------------------------------
 
     def request(self, collection_id: str, tenant: str, database: str, **_: Any) -> None:
-        """On demand: ask the builder (proxy/replicas.py asks at most every 30 s)."""
+        """On demand: ask the builder (proxy/replica/router.py asks at most every 30 s)."""
         self._spawn_ask(Wanted(collection_id, tenant, database))
 
     def _spawn_ask(self, wanted: Wanted) -> None:

@@ -11,7 +11,7 @@ again): the stream retries until the store scan loads the newer take and replace
 
 Strong and session reads ask the builder for the primary's newest log seq
 (``/admin/log/position``, which also wakes its tailer) and wait until this replica has
-applied that far (proxy/replicas.py caught_up), as they do against a local tailer.
+applied that far (proxy/replica/router.py caught_up), as they do against a local tailer.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A builder in storage mode publishes each take (sync/take.py: the primary's own graph, its
 records, the log replayed up to a position) to the snapshot store, and serves the log rows
-after it (proxy/admin.py /admin/log). A `replica` process loads the take and applies the
+after it (proxy/ops/admin.py /admin/log). A `replica` process loads the take and applies the
 rows, so it holds the same graph and the same overlay as the builder, and can answer session
 and strong reads itself (sync/follower.py).
 

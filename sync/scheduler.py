@@ -89,8 +89,8 @@ class RebuildScheduler:
         self._built_at: dict[str, float] = {}  # collection id -> cut time of its newest snapshot
         self._overrides: dict[str, dict[str, int]] = {}  # HNSW parameters set by an admin
         self.building: str | None = None
-        # Export mode's overlay (proxy/overlay.py): makes a build ready to serve, keeping the
-        # writes the proxy applied while its export ran.
+        # Export mode's overlay (proxy/replica/overlay.py): makes a build ready to serve,
+        # keeping the writes the proxy applied while its export ran.
         self.adopt: Callable[[ReplicaIndex], Awaitable[ReplicaIndex]] | None = None
         self.last_error: str | None = None
         self.ready = False  # the store's snapshots are loaded (readiness waits for this)

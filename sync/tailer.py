@@ -17,7 +17,7 @@ with the volume mounted read-only), a replica is the primary's HNSW segment plus
 * strong and session reads learn the log's position (position_now) and wait until the replica
   has applied it (wait_applied), so they are answered locally too.
 
-It has the scheduler's interface (proxy/replicas.py uses either). It never sends the primary a
+It has the scheduler's interface (proxy/replica/router.py uses either). It never sends the primary a
 request: everything comes from the files, through SQLite's API for the database.
 """
 
@@ -300,7 +300,7 @@ class StorageTailer:
         }
 
     def gauges(self) -> dict[str, Any]:
-        """For /metrics (proxy/metrics.py StorageCollector)."""
+        """For /metrics (proxy/ops/metrics.py StorageCollector)."""
         oldest = min(
             (f.live.confirmed_at for f in self._followed.values() if f.live is not None),
             default=time.time(),

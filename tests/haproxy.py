@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from proxy.embedded import free_port, stop_process
+from proxy.primary.embedded import free_port, stop_process
 from tests.helpers import wait_until
 
 SERVER_HEADER = "X-LB-Server"

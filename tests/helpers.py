@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from proxy.embedded import chroma_executable, free_port, stop_process
+from proxy.primary.embedded import chroma_executable, free_port, stop_process
 
 BIN = Path(sys.executable).parent
 

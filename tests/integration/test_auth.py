@@ -1,6 +1,7 @@
-"""Access control against a real primary (proxy/auth.py): tokens from a file, roles and scopes
-on every route class, cache hits included; tenant A's token never sees tenant B's data by any
-path; the file reloaded under load; the admin API behind the admin role; the Python client."""
+"""Access control against a real primary (proxy/access/auth.py): tokens from a file, roles
+and scopes on every route class, cache hits included; tenant A's token never sees tenant B's
+data by any path; the file reloaded under load; the admin API behind the admin role; the
+Python client."""
 
 from __future__ import annotations
 

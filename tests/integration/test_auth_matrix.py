@@ -4,7 +4,7 @@ tenant A's token never sees tenant B's data by any path.
 
 Each cell (route x token) is one test case, named ``route-token``. What a cell must answer
 comes from the tables below (NEEDS, REACH, HIDDEN, IDENTITY), written out by hand and never
-taken from proxy/auth.py, so a wrong rule in the proxy fails here. An allowed cell must give
+taken from proxy/access/auth.py, so a wrong rule in the proxy fails here. An allowed cell must give
 the right answer (the primary's own, asked directly, or the record it made on the primary);
 a refused one Chroma's error JSON from the proxy itself, with no record of either tenant in
 it and nothing changed on the primary. Cells that change something (writes, deletions,
@@ -41,7 +41,7 @@ SHAPES = {
     "other_tenant": "{b}/prod",
     "other_db": "{a}/other",
 }
-# An admin token must hold */* (proxy/auth.py refuses a tokens file with a narrower one: no
+# An admin token must hold */* (proxy/access/auth.py refuses a tokens file with a narrower one: no
 # scope bounds a reset or a new tenant), so there is one admin token.
 TOKENS = ("none", "wrong", *(f"{role}:{shape}" for role in ROLES[:2] for shape in SHAPES),
           "admin:all")  # fmt: skip

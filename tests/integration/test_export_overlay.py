@@ -1,5 +1,5 @@
-"""Export mode with the proxy's own writes applied to its replicas (proxy/overlay.py), against
-a real primary: every read after a write through the proxy is answered by the replica and
+"""Export mode with the proxy's own writes applied to its replicas (proxy/replica/overlay.py),
+against a real primary: every read after a write through the proxy is answered by the replica and
 equals the primary's answer; where the order of writes is unknowable the proxy falls back
 to forwarding, and still answers right.
 """
@@ -77,7 +77,7 @@ def _check_reads(client: httpx.Client, proxy: ProxyProcess, cid: str, seed: int,
     misses (issue 11; storage mode serves the primary's own graph). In the runs so far it
     was always the primary's graph that missed."""
     # A query of an empty collection is an edge case the replica leaves to the primary
-    # (proxy/local.py _check_vectors).
+    # (proxy/replica/local.py _check_vectors).
     empty = client.get(f"{proxy.primary_url}{D}/collections/{cid}/count").json() == 0
     misses = 0
     for method, path, body in _reads(cid, seed):

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import build_app
 from proxy.config import load
-from proxy.embedded import free_port
+from proxy.primary.embedded import free_port
 from tests.helpers import ChromaServer, ProxyProcess, wait_until
 from tests.integration.fake_primary import fake_primary_app
 

@@ -1,4 +1,4 @@
-"""Request limits (proxy/limits.py): each answered by the proxy itself, 400 for counts and
+"""Request limits (proxy/access/limits.py): each answered by the proxy itself, 400 for counts and
 413 for sizes, in Chroma's error format naming the config key, on the local-read, forwarded
 and write paths alike; requests just under a limit go through."""
 

@@ -300,7 +300,7 @@ def test_invalid_requests_get_the_primarys_errors(
 
 def test_read_your_writes(chroma: ChromaServer, replica_proxy: ProxyProcess, name: str) -> None:
     """Through the proxy, a read right after a write sees it, answered by the replica: the
-    write was applied to it (proxy/overlay.py). A write it cannot replay (a delete with a
+    write was applied to it (proxy/replica/overlay.py). A write it cannot replay (a delete with a
     limit) sends reads to the primary until a rebuild covers it."""
     p = replica_proxy.url
     with httpx.Client(timeout=60) as client:

@@ -389,7 +389,7 @@ def test_random_writes_then_every_read_equals_the_primarys(
             assert resp.status_code in (200, 201), resp.text
             wait_until(partial(_local, client, proxy.url, cid), 30, "storage replica")
             # A query of a collection never written to is an edge case the replica leaves to
-            # the primary (proxy/local.py _check_vectors).
+            # the primary (proxy/replica/local.py _check_vectors).
             empty = client.get(f"{proxy.primary_url}{D}/collections/{cid}/count").json() == 0
             for method, read_path, body in _reads(cid, seed):
                 headers = {"X-Proxy-Consistency": "strong" if direct else "session"}

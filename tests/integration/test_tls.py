@@ -1,4 +1,4 @@
-"""TLS (proxy/tls.py) with a CA and certificates made by the test (trustme): the HTTPS
+"""TLS (proxy/access/tls.py) with a CA and certificates made by the test (trustme): the HTTPS
 listener, client certificates (mTLS), a certificate renewed and reloaded on SIGHUP, and TLS
 to the primary, verified against a given CA."""
 

@@ -1,4 +1,4 @@
-"""The tokens file and the role/scope rules of proxy/auth.py, without a server."""
+"""The tokens file and the role/scope rules of proxy/access/auth.py, without a server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import ADMIN_TOKEN_NAME, Token, TokenFileError, load_tokens
+from proxy.access.auth import ADMIN_TOKEN_NAME, Token, TokenFileError, load_tokens
 from proxy.config import Config, ConfigError
 from proxy.routes import collection_id
 

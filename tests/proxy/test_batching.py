@@ -15,10 +15,10 @@ import pytest
 from index.errors import Superseded
 from index.live import ADD, Op
 from index.replica import ReplicaIndex
-from proxy import local
-from proxy.admission import SearchGate
-from proxy.batching import SearchBatcher
+from proxy.access.admission import SearchGate
 from proxy.errors import Overloaded
+from proxy.replica import local
+from proxy.replica.batching import SearchBatcher
 from sync.build import build_and_publish
 from tests.index.test_live import DIM, empty_replica
 from tests.index.test_snapshot import make_export

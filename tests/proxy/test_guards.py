@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from proxy.admission import InFlightLimit, SearchGate, TokenBuckets
-from proxy.cache import Cached, ResultCache, SingleFlight, _fingerprint, canonical_digest
+from proxy.access.admission import InFlightLimit, SearchGate, TokenBuckets
 from proxy.errors import Overloaded, RateLimited, UpstreamCircuitOpen
-from proxy.metrics import Metrics
-from proxy.upstream import Breaker
+from proxy.ops.metrics import Metrics
+from proxy.primary.upstream import Breaker
+from proxy.replica.cache import Cached, ResultCache, SingleFlight, _fingerprint, canonical_digest
 
 
 def test_canonical_digest_ignores_key_order_not_values() -> None:

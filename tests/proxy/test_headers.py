@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from proxy.upstream import request_headers, response_headers
+from proxy.primary.upstream import request_headers, response_headers
 
 
 def test_hop_by_hop_request_headers_are_dropped() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.consistency import Level, Writes, WriteTracker, replica_may_answer
-from proxy.ledger import LISTENING, READY, SIZE, STARTING, Ledger
-from proxy.workers import RESTART_MAX_S, YOUNG_S, restart_delay
+from proxy.ops.ledger import LISTENING, READY, SIZE, STARTING, Ledger
+from proxy.ops.workers import RESTART_MAX_S, YOUNG_S, restart_delay
+from proxy.replica.consistency import Level, Writes, WriteTracker, replica_may_answer
 
 A = "5f0c1a2e-0000-4000-8000-00000000000a"
 B = "5f0c1a2e-0000-4000-8000-00000000000b"

@@ -1,5 +1,5 @@
-"""The streamed write limits (proxy/limits.py StreamedLimits) refuse exactly what the whole-body
-check refuses, wherever the chunks are cut."""
+"""The streamed write limits (proxy/access/limits.py StreamedLimits) refuse exactly what the
+whole-body check refuses, wherever the chunks are cut."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.access.limits import Limits, StreamedLimits
 from proxy.errors import ProxyError
-from proxy.limits import Limits, StreamedLimits
 
 LIMITS = Limits(ids=5, n_results=10, query_vectors=10, where_depth=8, where_nodes=50,
                 document_bytes=12, metadata_bytes=40)  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy import local
+from proxy.replica import local
 from sync.build import build_and_publish
 from tests.index.test_snapshot import make_export
 

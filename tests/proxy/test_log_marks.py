@@ -1,9 +1,9 @@
-"""LogMarks (proxy/consistency.py): the log position that covers a proxy's writes is known
+"""LogMarks (proxy/replica/consistency.py): the log position that covers a proxy's writes is known
 only once every look-up begun after them has finished."""
 
 from __future__ import annotations
 
-from proxy.consistency import PENDING, LogMarks
+from proxy.replica.consistency import PENDING, LogMarks
 
 
 def test_nothing_written_means_no_mark() -> None:

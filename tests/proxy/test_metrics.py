@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from proxy.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram
+from proxy.ops.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram
 
 
 def _samples(registry: CollectorRegistry) -> set[str]:

@@ -1,4 +1,4 @@
-"""What a write's body means to the export-mode overlay (proxy/overlay.py plan_write): the
+"""What a write's body means to the export-mode overlay (proxy/replica/overlay.py plan_write): the
 log rows it replays, and the bodies it refuses to guess about (the write then falls back to
 rebuilds)."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from index.errors import NotLocal
 from index.live import ADD, DELETE, DOCUMENT_KEY, UPDATE, UPSERT, URI_KEY
-from proxy.overlay import plan_write
+from proxy.replica.overlay import plan_write
 
 
 def _plan(op: str, body: dict[str, Any]) -> Any:

@@ -28,7 +28,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .routes import Route, RouteClass
+from proxy.routes import Route, RouteClass
 
 # Buckets from 0.5 ms (a cache hit) to 30 s (a slow forwarded export page).
 LATENCY_BUCKETS = (

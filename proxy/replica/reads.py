@@ -20,15 +20,14 @@ from aiohttp import web
 from index.errors import NotLocal, Superseded
 from index.live import LiveView
 from index.replica import ReplicaIndex
-
-from . import local
-from .cache import Cached
-from .consistency import Level
-from .errors import Overloaded, UpstreamError
-from .forward import LIMITED_OPS, check_limits, forward, forward_buffered, read_body
-from .routes import Route
-from .state import GUARDS, METRICS, ROUTE, ROUTER, SOURCE, STATE, UPSTREAM
-from .upstream import Breaker
+from proxy.errors import Overloaded, UpstreamError
+from proxy.primary.forward import LIMITED_OPS, check_limits, forward, forward_buffered, read_body
+from proxy.primary.upstream import Breaker
+from proxy.replica import local
+from proxy.replica.cache import Cached
+from proxy.replica.consistency import Level
+from proxy.routes import Route
+from proxy.state import GUARDS, METRICS, ROUTE, ROUTER, SOURCE, STATE, UPSTREAM
 
 log = logging.getLogger(__name__)
 

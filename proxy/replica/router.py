@@ -21,17 +21,23 @@ from aiohttp import web
 from index.holder import ReplicaSet
 from index.live import LiveView
 from index.replica import ReplicaIndex
+from proxy.config import Config
+from proxy.errors import BadRequest
+from proxy.replica.batching import SearchBatcher
+from proxy.replica.consistency import (
+    PENDING,
+    Level,
+    LogMarks,
+    Writes,
+    WriteTracker,
+    replica_may_answer,
+)
+from proxy.replica.overlay import Ticket, WriteOverlay
+from proxy.routes import Route
 from sync.follower import StoreFollower
 from sync.logstream import BuilderLog
 from sync.scheduler import RebuildScheduler
 from sync.tailer import StorageTailer
-
-from .batching import SearchBatcher
-from .config import Config
-from .consistency import PENDING, Level, LogMarks, Writes, WriteTracker, replica_may_answer
-from .errors import BadRequest
-from .overlay import Ticket, WriteOverlay
-from .routes import Route
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +69,11 @@ class ReplicaRouter:
     ) -> None:
         self.config = config
         self.replicas = ReplicaSet()
-        # Shared with the other worker processes when there are several (proxy/ledger.py).
+        # Shared with the other worker processes when there are several (proxy/ops/ledger.py).
         self.tracker: Writes = WriteTracker() if writes is None else writes
         self._default_level = Level(config.consistency)
         self.scheduler = scheduler_factory(self)
-        # One thread per admitted search slot (proxy/admission.py SearchGate).
+        # One thread per admitted search slot (proxy/access/admission.py SearchGate).
         self.executor = ThreadPoolExecutor(
             max_workers=config.search_slots, thread_name_prefix="replica-search"
         )

@@ -9,7 +9,7 @@ import ssl
 
 from aiohttp import web
 
-from .config import Config
+from proxy.config import Config
 
 log = logging.getLogger(__name__)
 

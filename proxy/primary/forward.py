@@ -1,6 +1,6 @@
 """Forwarding to the primary: bodies streamed both ways, status and headers passed through.
 
-The only module that sends client requests on; proxy/upstream.py owns the connection pool.
+The only module that sends client requests on; proxy/primary/upstream.py owns the connection pool.
 Forwarded requests are capped in number (InFlightLimit) so a slow primary cannot pile up
 unbounded work in the proxy.
 """
@@ -15,17 +15,17 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import ProxyError, RequestTooLarge, UpstreamError
-from .limits import StreamedLimits
-from .state import CONFIG, GUARDS, METRICS, ROUTE, SOURCE, UPSTREAM, request_id, stamp
-from .upstream import CHUNK_BYTES, request_headers, response_headers
+from proxy.access.limits import StreamedLimits
+from proxy.errors import ProxyError, RequestTooLarge, UpstreamError
+from proxy.primary.upstream import CHUNK_BYTES, request_headers, response_headers
+from proxy.state import CONFIG, GUARDS, METRICS, ROUTE, SOURCE, UPSTREAM, request_id, stamp
 
 log = logging.getLogger(__name__)
 
 
 class LimitedBody:
     """The request body as a stream, refused once it passes ``limit`` bytes or, with
-    ``checks``, once it holds an item past a write limit (proxy/limits.py).
+    ``checks``, once it holds an item past a write limit (proxy/access/limits.py).
 
     A body with a Content-Length over the limit is refused before anything is sent; otherwise
     the upload to the primary breaks off before the chunk that passed a limit (``error`` then
@@ -88,7 +88,7 @@ async def read_body(request: web.Request) -> bytes:
     return await request.read()
 
 
-# Record requests whose JSON bodies the limits look at (proxy/limits.py).
+# Record requests whose JSON bodies the limits look at (proxy/access/limits.py).
 LIMITED_OPS = frozenset({"get", "query", "add", "upsert", "update", "delete"})
 
 
@@ -183,7 +183,7 @@ async def forward_buffered(
 ) -> tuple[web.Response, bytes | None]:
     """Forward a request and return the primary's response whole: a small bodiless read
     (for the forwarded cache), or a write whose answer waits until it is applied locally
-    (proxy/overlay.py)."""
+    (proxy/replica/overlay.py)."""
     _enter(request)
     try:
         resp = await _send(request, body_bytes)

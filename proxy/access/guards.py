@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .admission import InFlightLimit, SearchGate, TokenBuckets
-from .cache import ResultCache, SingleFlight
-from .config import Config
-from .limits import Limits
-from .metrics import Metrics
+from proxy.access.admission import InFlightLimit, SearchGate, TokenBuckets
+from proxy.access.limits import Limits
+from proxy.config import Config
+from proxy.ops.metrics import Metrics
+from proxy.replica.cache import ResultCache, SingleFlight
 
 
 @dataclass(slots=True)
@@ -23,7 +23,7 @@ class Guards:
     buckets: TokenBuckets
     forward_limit: InFlightLimit
     request_limit: InFlightLimit
-    limits: Limits  # what one request may ask for (proxy/limits.py)
+    limits: Limits  # what one request may ask for (proxy/access/limits.py)
     metrics: Metrics = field(repr=False)
 
     @classmethod

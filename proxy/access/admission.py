@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .errors import Overloaded, RateLimited
+from proxy.errors import Overloaded, RateLimited
 
 
 class SearchGate:
     """Bounds local searches: ``slots`` run at once (one per search thread), up to
-    ``queue_max`` more wait in the search queue (proxy/batching.py), and anything beyond is
+    ``queue_max`` more wait in the search queue (proxy/replica/batching.py), and anything beyond is
     refused at once. A queued search that waited longer than ``timeout_s`` is refused when its
     turn comes, before any work is done. The search threads take queued work themselves rather
     than through event-loop callbacks: handing a slot over through the loop left them idle

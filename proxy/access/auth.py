@@ -1,6 +1,6 @@
 """Access control: who may send which request (issue 12). One stage of the request path,
 run before anything else answers it: writes, forwarded reads, local reads, cache hits and
-coalesced requests alike (proxy/handlers.py dispatch), and the admin API (proxy/admin.py).
+coalesced requests alike (proxy/handlers.py dispatch), and the admin API (proxy/ops/admin.py).
 
 Chroma 1.5.9 checks no credentials at all (chroma-wire.md 13), so the proxy does, with what the
 Chroma clients already send: ``Authorization: Bearer TOKEN`` or ``X-Chroma-Token: TOKEN``.
@@ -40,9 +40,9 @@ import orjson
 from aiohttp import web
 from cachetools import LRUCache
 
-from .errors import BadRequest, Forbidden, NotFound, Unauthorized
-from .routes import BY_NAME, Route, RouteClass, collection_id
-from .state import request_id
+from proxy.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from proxy.routes import BY_NAME, Route, RouteClass, collection_id
+from proxy.state import request_id
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("proxy.audit")

@@ -19,8 +19,8 @@ import ijson
 import orjson
 from ijson.common import ObjectBuilder
 
-from .config import Config
-from .errors import BadRequest, RequestTooLarge
+from proxy.config import Config
+from proxy.errors import BadRequest, RequestTooLarge
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ How:
 * Worker 0, the process that was started, is the proxy as configured: in role standalone it
   exports, builds, publishes and serves replicas. Workers 1..N-1 follow the snapshot store
   as role replica does, so one export and one build serve every worker.
-* Forwarded writes are counted in a shared ledger (proxy/ledger.py): read-your-writes and the
+* Forwarded writes are counted in a shared ledger (proxy/ops/ledger.py): read-your-writes and the
   cache's invalidation hold whichever worker a request reaches, and worker 0 rebuilds after a
   write that another worker forwarded (relay_writes). A worker that cannot export asks for
   on-demand replicas through the store (sync/scheduler.py ask_for).
@@ -44,12 +44,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from index.holder import ReplicaSet
+from proxy.config import Config
+from proxy.ops.ledger import LISTENING, READY, STARTING, Ledger
+from proxy.ops.metrics import Metrics
 from sync.follower import StoreFollower
 from sync.scheduler import RebuildScheduler
-
-from .config import Config
-from .ledger import LISTENING, READY, STARTING, Ledger
-from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 

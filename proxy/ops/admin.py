@@ -26,14 +26,13 @@ from aiohttp.typedefs import Handler
 from index.live import LiveView
 from index.reaper import REAPER
 from index.snapshot import MANIFEST, Manifest
+from proxy.access.auth import AUTH, audit_event
+from proxy.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unauthorized
+from proxy.ops.ledger import LISTENING, READY, STARTING
+from proxy.state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM, WORKER
 from sync.published import encode_ops
 from sync.scheduler import RebuildScheduler, Wanted, newest_snapshots
 from sync.tailer import StorageTailer
-
-from .auth import AUTH, audit_event
-from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unauthorized
-from .ledger import LISTENING, READY, STARTING
-from .state import CONFIG, METRICS, ROUTER, STATE, UPSTREAM, WORKER
 
 # Accepted HNSW overrides and their sane ranges.
 _HNSW_LIMITS = {"M": (2, 128), "ef_construction": (1, 10_000), "ef_search": (1, 10_000)}
@@ -118,7 +117,7 @@ def _replica_status(replica: Any) -> dict[str, Any]:
 
 def _overlay(replica: Any) -> dict[str, Any]:
     """Where a replica's rows come from. Storage mode (index/live.py): the log position
-    served, rows changed since the take. Export mode with writes applied (proxy/overlay.py):
+    served, rows changed since the take. Export mode with writes applied (proxy/replica/overlay.py):
     the proxy's write counter it covers, rows those writes changed since the snapshot."""
     if not isinstance(replica, LiveView):
         return {"source": "snapshot"}

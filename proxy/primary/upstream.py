@@ -18,10 +18,10 @@ import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
-from .config import Config
-from .errors import UpstreamCircuitOpen, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from .metrics import Metrics
-from .tls import primary_context
+from proxy.access.tls import primary_context
+from proxy.config import Config
+from proxy.errors import UpstreamCircuitOpen, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

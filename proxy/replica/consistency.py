@@ -107,7 +107,7 @@ def replica_may_answer(
     withheld: int = 0,
 ) -> bool:
     """``withheld``: writes in flight whose answers wait until the replica includes them
-    (proxy/overlay.py): no client has seen them, so they need not hold reads back."""
+    (proxy/replica/overlay.py): no client has seen them, so they need not hold reads back."""
     if level is Level.STRONG:
         return False  # needs a change signal from the primary; not available over HTTP
     if level is Level.EVENTUAL:

@@ -21,8 +21,7 @@ from index.columns import Mask
 from index.errors import NotLocal
 from index.filters import Filter, parse_where, parse_where_document
 from index.replica import ReplicaIndex, Rows
-
-from .cache import canonical_digest
+from proxy.replica.cache import canonical_digest
 
 INCLUDE_VALUES = frozenset({"distances", "documents", "embeddings", "metadatas", "uris"})
 GET_DEFAULT_INCLUDE = ["documents", "metadatas"]

@@ -11,8 +11,8 @@ import colorsys
 import logging
 from typing import Any
 
-from .errors import UpstreamError
-from .upstream import Upstream
+from proxy.errors import UpstreamError
+from proxy.primary.upstream import Upstream
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.replica import ReplicaIndex
-
-from . import local
+from proxy.replica import local
 
 # Per search: (True, answer bytes) or (False, the exception to raise in the request).
 Outcome = tuple[bool, "bytes | BaseException"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MAX_WORKERS
+from proxy.config import MAX_WORKERS
 
 SLOTS = 1 << 16
 _MAGIC = 0x52505731  # "RPW1"

@@ -56,9 +56,8 @@ from index.live import (
     replaced,
 )
 from index.replica import ReplicaIndex, load_index
-
-from .consistency import Writes
-from .routes import Route
+from proxy.replica.consistency import Writes
+from proxy.routes import Route
 
 log = logging.getLogger(__name__)
 

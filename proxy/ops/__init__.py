@@ -1,0 +1,1 @@
+"""Running it: the admin API, metrics, worker processes and their shared ledger."""

@@ -1,0 +1,2 @@
+"""The primary: the pooled upstream connection, forwarding, and the embedded primary with
+its sample data."""

@@ -24,7 +24,7 @@ from proxy.access.guards import Guards
 from proxy.access.tls import TLS, server_context
 from proxy.access.tls import reload as reload_tls
 from proxy.config import Config
-from proxy.errors import UpstreamError, to_response
+from proxy.errors import PrimaryRefused, UpstreamError, to_response
 from proxy.ops import admin
 from proxy.ops.metrics import Metrics
 from proxy.ops.workers import (
@@ -124,6 +124,8 @@ def _owner_of(app: web.Application) -> Owner:
         status, raw = await app[UPSTREAM].call_raw("GET", path)
         if status == 404:
             return None
+        if 400 <= status < 500:
+            raise PrimaryRefused(status, raw)
         if status != 200:
             raise UpstreamError(f"looking the collection up answered {status}")
         model = orjson.loads(raw)

@@ -9,6 +9,7 @@
      ├── RateLimited                   429  over the tenant's request rate (with Retry-After)
      ├── RequestTooLarge               413  body over max_body_bytes
      ├── BadRequest                    400  a proxy-specific header or admin request is invalid
+     ├── PrimaryRefused                4xx  the primary refused a lookup made for the request
      ├── HeadersTooLarge               431  a header or the request line over max_header_bytes,
      │                                      or more than max_headers headers
      ├── Unauthorized                  401  admin API without the right token
@@ -92,6 +93,23 @@ class BadRequest(ProxyError):
 
 class HeadersTooLarge(ProxyError):
     status = 431
+
+
+class PrimaryRefused(ProxyError):
+    """The primary refused (4xx) a lookup the proxy made on a request's behalf, because of
+    something the request's path names (a database name it rejects, say): the request itself
+    would be refused alike, so that refusal is the answer."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        try:
+            found = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            found = None
+        if not isinstance(found, dict):
+            found = {}
+        self.status = status
+        self.error_name = str(found.get("error") or "ChromaError")
+        super().__init__(str(found.get("message") or f"the primary answered {status}"))
 
 
 class Unauthorized(ProxyError):

@@ -276,3 +276,20 @@ def test_the_audit_log_file(chroma: ChromaServer, tenants: dict[str, Any], tmp_p
     written = audit_file.read_text() + (tmp_path / "audit.jsonl.1").read_text()
     assert plain["ops"] not in written and plain["ops"] not in proc.logs()
     assert "auth_failed" not in proc.logs()  # the main log is kept free of it
+
+
+def test_a_path_the_primary_refuses_gets_its_refusal_not_a_502(
+    secured: Any, tenants: dict[str, Any], chroma: ChromaServer
+) -> None:
+    """The owner lookup for a collection id under a database name the primary rejects is
+    refused by the primary (400); that refusal is the answer, as the primary would give it to
+    the request itself (it was the proxy's own 502; found by the fuzz with tokens on)."""
+    proxy, plain, _ = secured
+    path = f"/api/v2/tenants/{tenants['a']['tenant']}/databases/0/collections/{uuid.uuid4()}"
+    body = {"query_embeddings": [[1.0, 0.0, 0.0, 0.0]], "n_results": 1}
+    with httpx.Client(timeout=60) as client:  # reader_a holds tenant A's every database
+        got = client.post(f"{proxy.url}{path}/query", json=body, headers=_as(plain["reader_a"]))
+        want = client.post(f"{chroma.url}{path}/query", json=body)
+    assert want.status_code == 400
+    assert got.status_code == 400, got.text
+    assert got.json()["error"] == want.json()["error"]

@@ -27,6 +27,9 @@ primary (chroma-wire.md 14.2: rows of a deleted collection leak into others). `-
 enable allow_reset, so POST /api/v2/reset stays in the fuzz and cannot wipe the seed; the
 fixture checks that the primary refuses it.
 
+It runs twice: against an open proxy, and against one with a tokens file (every case carries
+a write token over all tenants), so the auth stage sees the same malformed input.
+
 CI runs a small fixed-seed sample (about 1,000 requests); FUZZ_EXAMPLES=300 (examples per
 operation and mode) makes a long run by hand (about 47,000 requests, 10 minutes).
 """
@@ -34,6 +37,7 @@ operation and mode) makes a long run by hand (about 47,000 requests, 10 minutes)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from collections import Counter
@@ -131,13 +135,36 @@ def fuzz_proxy(
     assert proc.stop() == 0, proc.logs()
 
 
-def send(case: Case[Any], base_url: str) -> Outcome | None:
+# The secured proxy's token: role write over every tenant and database, so the auth stage's
+# parsing (collection ids in every spelling, owner lookups) runs on every generated path and
+# most requests still go on to the primary (tenants, reset and the like are the admin's: 403).
+FUZZER = "fuzz-test-write-token-" + "x" * 16
+
+
+@pytest.fixture(scope="module")
+def secured_fuzz_proxy(
+    primary: ChromaServer, seed: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """The same with a tokens file: every case carries the write token."""
+    log_dir = tmp_path_factory.mktemp("fuzz-secured")
+    digest = hashlib.sha256(FUZZER.encode()).hexdigest()
+    tokens = log_dir / "tokens.toml"
+    tokens.write_text(f'[tokens.fuzzer]\nsha256 = "{digest}"\nrole = "write"\n'
+                      'scopes = ["*/*"]\n')  # fmt: skip
+    proc = ProxyProcess("--primary", primary.url, "--rebuild-debounce-s", "0.2",
+                        "--tokens-file", str(tokens), "--data-dir", str(log_dir / "data"),
+                        log_dir=log_dir)  # fmt: skip
+    yield proc
+    assert proc.stop() == 0, proc.logs()
+
+
+def send(case: Case[Any], base_url: str, headers: dict[str, str]) -> Outcome | None:
     """The case's request to ``base_url`` on a connection of its own; None if the request
     cannot be sent at all (a header value no HTTP library puts on the wire, say)."""
     with requests.Session() as session:
         try:
-            resp = case.call(base_url=base_url, session=session, timeout=TIMEOUT_S,
-                             allow_redirects=False)  # fmt: skip
+            resp = case.call(base_url=base_url, session=session, headers=headers or None,
+                             timeout=TIMEOUT_S, allow_redirects=False)  # fmt: skip
         except requests.Timeout:
             return TIMED_OUT
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
@@ -193,6 +220,8 @@ def judge(proxy: Outcome, primary: Outcome) -> tuple[str, str | None]:
         assert isinstance(proxy, Answer)
         if proxy.status == 502 and own(proxy) and chroma_error(proxy.body) is not None:
             return "dropped->502", None
+        if 400 <= proxy.status < 500 and proxy.source == "proxy" and chroma_error(proxy.body):
+            return "refused by the proxy (primary dropped)", None  # never sent: access control
         return f"dropped->{proxy.status}", "the primary dropped the connection: want a clean 502"
     if primary == TIMED_OUT and isinstance(proxy, Answer) and proxy.status == 504 and own(proxy):
         return "timed out->504", None  # the proxy gave up first (read_timeout_s)
@@ -229,16 +258,17 @@ def judge(proxy: Outcome, primary: Outcome) -> tuple[str, str | None]:
 class Tally:
     seen: Counter[tuple[str, str]]  # (operation, what was seen) -> how often
     failures: list[str]
+    headers: dict[str, str]  # sent with every case, to the proxy and the primary alike
     requests: int = 0
     drops: dict[str, str] = field(default_factory=dict)  # operation -> a request it dropped
 
     def check(self, label: str, case: Case[Any], proxy_url: str, primary_url: str) -> None:
         """One case: to the proxy, then the same to the primary, and judged."""
-        proxy = send(case, proxy_url)
+        proxy = send(case, proxy_url, self.headers)
         if proxy is None:
             self.seen[(label, "unsendable")] += 1
             return
-        primary = send(case, primary_url)
+        primary = send(case, primary_url, self.headers)  # (Chroma ignores auth headers)
         assert primary is not None  # the same request was sendable a moment ago
         self.requests += 2
         seen, fault = judge(proxy, primary)
@@ -272,12 +302,17 @@ def each_case(strategy: st.SearchStrategy[Case[Any]], examples: int) -> Iterator
 # A long run by hand outlasts the suite's 300 s per test: about 36 operations x 2 modes x
 # two requests each per example.
 @pytest.mark.timeout(300 + 10 * EXAMPLES)
+@pytest.mark.parametrize("secured", [False, True], ids=["open", "tokens"])
 def test_fuzz_proxy_against_primary(
     primary: ChromaServer,
     seed: dict[str, str],
-    fuzz_proxy: ProxyProcess,
+    secured: bool,
+    request: pytest.FixtureRequest,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    name = "secured_fuzz_proxy" if secured else "fuzz_proxy"
+    fuzz_proxy: ProxyProcess = request.getfixturevalue(name)
+    headers = {"Authorization": f"Bearer {FUZZER}"} if secured else {}
     raw = httpx.get(primary.url + "/openapi.json", timeout=TIMEOUT_S).json()
     schema = schemathesis.openapi.from_dict(raw)
     ops = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
@@ -286,7 +321,7 @@ def test_fuzz_proxy_against_primary(
     # reads to the primary until it is rebuilt); then everything in the document's order;
     # then the reads again, over the rows the writes left (the proxy applied them itself).
     reads = [op for op in ops if classify(op.method.upper(), op.path).kind is RouteClass.LOCAL_READ]
-    tally = Tally(Counter(), [])
+    tally = Tally(Counter(), [], headers)
     for op in [*reads, *(op for op in ops if op not in reads), *reads]:
         names = {p.name for p in op.path_parameters}
         op_id = op.definition.raw.get("operationId", "")
@@ -369,6 +404,8 @@ def test_judge_says_whose_fault() -> None:
     ok = Answer(200, b"{}", "-")
     assert judge(Answer(502, ours, "proxy"), DROPPED) == ("dropped->502", None)
     assert judge(Answer(502, b"Bad Gateway", "proxy"), DROPPED)[1] is not None
+    assert judge(Answer(403, ours, "proxy"), DROPPED)[1] is None  # refused, never sent
+    assert judge(Answer(403, ours, "primary"), DROPPED)[1] is not None
     assert judge(DROPPED, DROPPED)[1] is not None
     assert judge(DROPPED, ok)[1] is not None
     assert judge(Answer(504, ours, "proxy"), TIMED_OUT) == ("timed out->504", None)

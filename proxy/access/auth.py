@@ -233,11 +233,16 @@ class Guard:
     async def _check_owner(
         self, request: web.BaseRequest, token: Token, sent: str, tenant: str, database: str
     ) -> None:
-        cid = collection_id(sent)
-        if cid is None:
-            # Not an id at all: refused as the primary would (and nothing to look up).
-            raise BadRequest("Collection ID is not a valid UUIDv4")
-        owner = self._owners.get(cid)
+        # Routes spell an id canonically (proxy/routes.py), so a cached owner is found by the
+        # segment as sent; only a miss needs to know whether it is an id at all.
+        owner, cid = self._owners.get(sent), sent
+        if owner is None:
+            found = collection_id(sent)
+            if found is None:
+                # Not an id at all: refused as the primary would (and nothing to look up).
+                raise BadRequest("Collection ID is not a valid UUIDv4")
+            cid = found
+            owner = self._owners.get(cid)
         if owner is None:
             owner = await self._owner(cid, tenant, database)
             if owner is None:

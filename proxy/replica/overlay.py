@@ -12,7 +12,9 @@ collection (a :class:`Follow`) from a replica that includes every write the prox
 and goes on following only while every write to it is one this process applies:
 
 * another write to the collection in flight anywhere (another worker process, or this one with
-  ids in common or a filter) makes the order unknowable;
+  ids in common or a filter) makes the order unknowable; so do two in flight together that
+  may both add rows (new ids go at the end, in the order the primary happened to take them,
+  which is what a get without ids returns them in);
 * a write counted that this process did not apply (another worker), a failure or a lost answer
   (the primary may or may not have applied it), a body this module cannot replay.
 
@@ -186,7 +188,8 @@ class Follow:
     covered: int  # the write counter (consistency.Writes.seq) the replica includes
     start: int  # covered when the follow began: the journal holds every write after it
     live: LiveReplica | None = None  # made from the snapshot on the first write
-    pending: dict[int, frozenset[str] | None] = field(default_factory=dict)
+    # Writes in flight: their ids (None: a delete by filter) and whether they may add rows.
+    pending: dict[int, tuple[frozenset[str] | None, bool]] = field(default_factory=dict)
     # Writes applied whose count (Writes.end) is still to come: the handler counts a write
     # after settle() returned, and another write's settle may run in between.
     uncounted: int = 0
@@ -251,11 +254,15 @@ class WriteOverlay:
             return None
         if not self._only_mine(cid, follow, 0):
             return None
-        if not _disjoint(planned.ids, follow.pending.values()):
+        if not _disjoint(planned.ids, [ids for ids, _ in follow.pending.values()]):
             self.end(cid, "concurrent_write", "concurrent writes to the same rows")
             return None
+        adds = _may_add(route.op, planned.ids, follow.live)
+        if adds and any(other for _, other in follow.pending.values()):
+            self.end(cid, "concurrent_write", "concurrent writes adding rows (order unknown)")
+            return None
         self._keys += 1
-        follow.pending[self._keys] = planned.ids
+        follow.pending[self._keys] = (planned.ids, adds)
         return Ticket(cid, follow, planned, self._keys)
 
     def _only_mine(self, cid: str, follow: Follow, unsettled: int) -> bool:
@@ -427,6 +434,14 @@ class WriteOverlay:
 def _disjoint(ids: frozenset[str] | None, others: Any) -> bool:
     """Writes that commute: their order does not matter, so neither does the primary's."""
     return all(ids is not None and other is not None and ids.isdisjoint(other) for other in others)
+
+
+def _may_add(op: str, ids: frozenset[str] | None, live: LiveReplica | None) -> bool:
+    """Whether a write may put rows at the end: an add or upsert of an id the replica does
+    not hold (before the first write, with no live copy yet, any add or upsert may)."""
+    if op not in ("add", "upsert"):
+        return False
+    return live is None or ids is None or any(live.row_of(rid) is None for rid in ids)
 
 
 def _private_graph(replica: ReplicaIndex) -> Any:

@@ -142,7 +142,33 @@ def test_random_writes_through_the_proxy_are_read_back_locally(
 
 
 def test_concurrent_writes_to_other_rows_stay_local(proxy: ProxyProcess) -> None:
-    """Writes in flight together commute when their ids differ: the replica keeps applying."""
+    """Writes in flight together commute when their ids differ and none adds a row (rows
+    keep their places): the replica keeps applying."""
+    with httpx.Client(timeout=60) as client:
+        cid = _collection(client, proxy)
+        # One add first, alone, so the follow (and its copy of the replica) is under way.
+        first = _write_body("add", ["first"], 7)
+        assert client.post(f"{proxy.url}{D}/collections/{cid}/add", json=first).status_code == 201
+
+        def write(worker: int) -> None:
+            with httpx.Client(timeout=60) as own:
+                for i in range(6):
+                    op = ("update", "upsert", "delete")[i % 3]
+                    ids = [f"b{worker * 6 + i}"]  # existing rows, a different one each time
+                    body = _write_body(op, ids, worker * 100 + i)
+                    resp = own.post(f"{proxy.url}{D}/collections/{cid}/{op}", json=body)
+                    assert resp.status_code == 200, resp.text
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(write, range(4)))
+        _check_reads(client, proxy, cid, 1)
+        assert cid in _status(client, proxy)["write_overlay"]["collections"]
+
+
+def test_concurrent_writes_adding_rows_fall_back(proxy: ProxyProcess) -> None:
+    """New rows go at the end in the order the primary took them, which concurrent writes
+    leave unknown (get's order showed it: a clean-clone CI run saw the replica's order
+    differ): the follow ends, reads are right wherever answered, and a rebuild serves again."""
     with httpx.Client(timeout=60) as client:
         cid = _collection(client, proxy)
 
@@ -153,10 +179,14 @@ def test_concurrent_writes_to_other_rows_stay_local(proxy: ProxyProcess) -> None
                     resp = own.post(f"{proxy.url}{D}/collections/{cid}/upsert", json=body)
                     assert resp.status_code == 200, resp.text
 
+        ended = _status(client, proxy)["write_overlay"]["ended"].get("concurrent_write", 0)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(write, range(4)))
-        _check_reads(client, proxy, cid, 1)
-        assert cid in _status(client, proxy)["write_overlay"]["collections"]
+        # (Four writers of six writes each have overlapped in every run so far.)
+        assert _status(client, proxy)["write_overlay"]["ended"]["concurrent_write"] > ended
+        _check_reads(client, proxy, cid, 2, local=False)  # right, wherever answered
+        wait_until(partial(_local, client, proxy.url, cid), 60, "rebuilt replica")
+        _check_reads(client, proxy, cid, 3)
 
 
 def test_concurrent_writes_to_the_same_rows_fall_back(proxy: ProxyProcess) -> None:

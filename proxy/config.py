@@ -90,9 +90,9 @@ class Config:
     export_overlay_max_rows: int = _key(
         "Export mode: each write this proxy forwards is applied to its replica once the "
         "primary acknowledged it, so reads that must see it stay local; when the writes have "
-        "changed this many rows the replica is rebuilt. Concurrent writes to the same rows, "
-        "writes through other workers or hosts, and failed writes fall back to rebuilds. "
-        "0 turns this off.",
+        "changed this many rows the replica is rebuilt. Concurrent writes to the same rows "
+        "or adding rows, writes through other workers or hosts, and failed writes fall back "
+        "to rebuilds. 0 turns this off.",
         5000,
     )
     listen: str = _key("HOST:PORT the proxy listens on.", "127.0.0.1:8000", metavar="HOST:PORT")

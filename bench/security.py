@@ -126,9 +126,10 @@ def run(args: Any) -> dict[str, Any]:
 
 
 def auth_stage_us(tokens: Path, token: str) -> float:
-    """The access-control stage alone, in this process: a token check of a query (hash,
-    table, role, scope, cached owner) and its per-token rate-limit bucket, in microseconds;
-    the best of five batches (the machine's noise only ever adds)."""
+    """The access-control stage alone, in this process: the same query's token check again
+    and again (after the first, a remembered yes: the header, a hash, one lookup) and its
+    per-token rate-limit bucket, in microseconds; the best of five batches (the machine's
+    noise only ever adds)."""
     import asyncio
 
     from aiohttp.test_utils import make_mocked_request

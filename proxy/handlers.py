@@ -81,7 +81,7 @@ async def write(request: web.Request) -> web.StreamResponse:
     try:
         response: web.StreamResponse
         if route.op in REMOVES:  # answered only after end_write dropped what it removed
-            response, _ = await forward_buffered(request, raw or None)
+            response, _ = await forward_buffered(request)  # (these requests carry no body)
         else:
             response = await forward(request, raw)
         status = response.status
